@@ -1,0 +1,3 @@
+"""placeholder"""
+def check_available(device):
+    pass

@@ -1,0 +1,144 @@
+"""Stage 4: ``torch.library`` custom ops with registered autograd.
+
+Two ops cover the fused conv and the plain tensor product (``sender``/``receiver`` = None):
+
+* ``mace_accel::tp_fwd(x, y, w, sender, receiver, num_rows, plan_key, deterministic) -> out``
+* ``mace_accel::tp_bwd(x, y, w, gout, sender, receiver, plan_key, deterministic, need_x, need_y, need_w)
+  -> (dx, dy, dw)``
+
+The product is trilinear in (x, y, w), so the derivative of ``tp_bwd`` is itself made of ``tp_fwd`` and
+``tp_bwd`` calls with one operand replaced by an incoming gradient (see :func:`_bwd_backward`). Both ops
+therefore have registered autograd, and any order of derivative works (forces, force training, Hessians).
+
+CPU tensors run the reference executor, CUDA tensors the generated kernels. Fake implementations make the
+ops traceable by ``torch.compile``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..plan import get_plan
+
+_EMPTY = (0,)
+
+
+def _backend(t: torch.Tensor):
+    if t.is_cuda:
+        from ..backends import cuda
+
+        return cuda
+    from ..backends import reference
+
+    return reference
+
+
+@torch.library.custom_op("mace_accel::tp_fwd", mutates_args=())
+def tp_fwd(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, sender: Optional[torch.Tensor],
+           receiver: Optional[torch.Tensor], num_rows: int, plan_key: str, deterministic: bool) -> torch.Tensor:
+    plan = get_plan(plan_key)
+    return _backend(x).forward(plan, x, y, w, sender, receiver, num_rows, deterministic=deterministic)
+
+
+@tp_fwd.register_fake
+def _(x, y, w, sender, receiver, num_rows, plan_key, deterministic):
+    plan = get_plan(plan_key)
+    return x.new_empty(num_rows, plan.out_dim)
+
+
+@torch.library.custom_op("mace_accel::tp_bwd", mutates_args=())
+def tp_bwd(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, gout: torch.Tensor, sender: Optional[torch.Tensor],
+           receiver: Optional[torch.Tensor], plan_key: str, deterministic: bool, need_x: bool, need_y: bool,
+           need_w: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = get_plan(plan_key)
+    dx, dy, dw = _backend(x).backward(plan, x, y, w, gout, sender, receiver, need_x, need_y, need_w,
+                                      deterministic=deterministic)
+    # Custom ops return tensors: a gradient not asked for comes back as an empty tensor.
+    empty = x.new_empty(_EMPTY)
+    return (dx if dx is not None else empty, dy if dy is not None else empty.clone(),
+            dw if dw is not None else empty.clone())
+
+
+@tp_bwd.register_fake
+def _(x, y, w, gout, sender, receiver, plan_key, deterministic, need_x, need_y, need_w):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(_EMPTY),
+            y.new_empty(y.shape) if need_y else x.new_empty(_EMPTY),
+            w.new_empty(w.shape) if need_w else x.new_empty(_EMPTY))
+
+
+# ---- autograd ------------------------------------------------------------------------------------------
+def _fwd_setup(ctx, inputs, output):
+    x, y, w, sender, receiver, num_rows, plan_key, deterministic = inputs
+    ctx.save_for_backward(x, y, w, sender, receiver)
+    ctx.plan_key, ctx.deterministic = plan_key, deterministic
+
+
+def _fwd_backward(ctx, gout):
+    x, y, w, sender, receiver = ctx.saved_tensors
+    nx, ny, nw = ctx.needs_input_grad[:3]
+    if not (nx or ny or nw):
+        return (None,) * 8
+    dx, dy, dw = tp_bwd(x, y, w, gout.contiguous(), sender, receiver, ctx.plan_key, ctx.deterministic,
+                        nx, ny, nw)
+    return (dx if nx else None, dy if ny else None, dw if nw else None) + (None,) * 5
+
+
+tp_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _bwd_setup(ctx, inputs, output):
+    x, y, w, gout, sender, receiver, plan_key, deterministic, need_x, need_y, need_w = inputs
+    ctx.save_for_backward(x, y, w, gout, sender, receiver)
+    ctx.plan_key, ctx.deterministic = plan_key, deterministic
+    ctx.needs = (need_x, need_y, need_w)
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _bwd_backward(ctx, ggx, ggy, ggw):
+    """Derivative of (dx, dy, dw) = B(x, y, w, gout), from forward and backward calls.
+
+    With F trilinear: dx = F_x(gout, y, w), dy = F_y(x, gout, w), dw = F_w(x, y, gout). Then
+      d/dgout = F(ggx, y, w) + F(x, ggy, w) + F(x, y, ggw)
+      d/dx    = F_x(gout, ggy, w) + F_x(gout, y, ggw)
+      d/dy    = F_y(ggx, gout, w) + F_y(x, gout, ggw)
+      d/dw    = F_w(ggx, y, gout) + F_w(x, ggy, gout)
+    """
+    x, y, w, gout, sender, receiver = ctx.saved_tensors
+    key, det = ctx.plan_key, ctx.deterministic
+    need_x, need_y, need_w = ctx.needs
+    ggx = ggx if (need_x and ggx is not None and ggx.numel()) else None
+    ggy = ggy if (need_y and ggy is not None and ggy.numel()) else None
+    ggw = ggw if (need_w and ggw is not None and ggw.numel()) else None
+    rx, ry, rw, rg = ctx.needs_input_grad[:4]
+    num_rows = gout.shape[0]
+    gx = gy = gw = gg = None
+    if rg:
+        for a, b, c in ((ggx, y, w), (x, ggy, w), (x, y, ggw)):
+            if a is not None and b is not None and c is not None:
+                gg = _add(gg, tp_fwd(a.contiguous(), b.contiguous(), c.contiguous(), sender, receiver,
+                                     num_rows, key, det))
+    if ggx is not None and (ry or rw):
+        _, t_y, t_w = tp_bwd(ggx.contiguous(), y, w, gout, sender, receiver, key, det, False, ry, rw)
+        gy, gw = (t_y if ry else None), (t_w if rw else None)
+    if ggy is not None and (rx or rw):
+        t_x, _, t_w = tp_bwd(x, ggy.contiguous(), w, gout, sender, receiver, key, det, rx, False, rw)
+        gx = _add(gx, t_x if rx else None)
+        gw = _add(gw, t_w if rw else None)
+    if ggw is not None and (rx or ry):
+        t_x, t_y, _ = tp_bwd(x, y, ggw.contiguous(), gout, sender, receiver, key, det, rx, ry, False)
+        gx = _add(gx, t_x if rx else None)
+        gy = _add(gy, t_y if ry else None)
+    if rg and gg is None:
+        gg = torch.zeros_like(gout)
+    return (gx, gy, gw, gg) + (None,) * 7
+
+
+tp_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)

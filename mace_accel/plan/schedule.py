@@ -1,0 +1,125 @@
+"""The static schedule: per path, the CG nonzeros (normalisation folded in) and every layout offset.
+
+Work decomposition shared by all kernels (see docs/design.md):
+
+* channels ``u`` of ``irreps_in1`` are split into *chunks* of :data:`WARP_SIZE`; one warp owns one
+  (work item, chunk) pair and each lane owns one channel, so a lane's accumulators are the output
+  components of its own channel only;
+* a *work item* is a run of edges sharing an output row (a receiver segment in the deterministic variant,
+  a fixed block of :data:`EDGES_PER_WARP` edges in the atomic one).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import numpy as np
+
+from ..problem import TPProblem
+from .cg import wigner_3j
+
+#: Threads of a warp; one lane per channel.
+WARP_SIZE = 32
+#: Warps in one thread block of the conv kernels.
+WARPS_PER_BLOCK = 4
+#: Edges a warp walks in the atomic (unsorted) variant before it flushes and stops.
+EDGES_PER_WARP = 16
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    index: int  # instruction index
+    l1: int
+    l2: int
+    lo: int
+    mul: int  # channels (multiplicity of in1 = of out)
+    d1: int
+    d2: int
+    do: int
+    in1_block: int
+    in2_block: int
+    out_block: int
+    in1_offset: int  # element offset of the block in a row of x
+    in2_offset: int
+    out_offset: int
+    weight_offset: int
+    # (i, j, k, coefficient): out[u, k] += w[u] * coefficient * x[u, i] * y[j]
+    nonzeros: Tuple[Tuple[int, int, int, float], ...]
+
+    def dense(self) -> np.ndarray:
+        """The path's [d1, d2, do] coefficient block built from the nonzeros (for the reference executor)."""
+        c = np.zeros((self.d1, self.d2, self.do))
+        for i, j, k, v in self.nonzeros:
+            c[i, j, k] = v
+        return c
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    problem: TPProblem
+    key: str
+    paths: Tuple[PathPlan, ...]
+    in1_dim: int
+    in2_dim: int
+    out_dim: int
+    weight_numel: int
+    num_chunks: int  # ceil(max_mul / WARP_SIZE)
+
+    @property
+    def nnz(self) -> int:
+        return sum(len(p.nonzeros) for p in self.paths)
+
+    def flops_per_edge(self) -> Dict[str, int]:
+        """Multiply-adds counted as 2 flops, per edge, over all channels."""
+        fwd = sum(p.mul * (2 * len(p.nonzeros) + 2 * p.do) for p in self.paths)
+        return {"forward": fwd, "backward": 3 * fwd}
+
+
+def build_plan(problem: TPProblem) -> TPPlan:
+    in1, in2, out = problem.irreps_in1, problem.irreps_in2, problem.irreps_out
+    o1, o2, oo = in1.offsets, in2.offsets, out.offsets
+    paths = []
+    for n, ins in enumerate(problem.instructions):
+        a, b, c = in1[ins.i_in1], in2[ins.i_in2], out[ins.i_out]
+        block = wigner_3j(a.ir.l, b.ir.l, c.ir.l)
+        nz = tuple(
+            (int(i), int(j), int(k), float(block[i, j, k] * ins.norm))
+            for i, j, k in zip(*np.nonzero(block))
+        )
+        paths.append(PathPlan(
+            index=n, l1=a.ir.l, l2=b.ir.l, lo=c.ir.l, mul=a.mul,
+            d1=a.ir.dim, d2=b.ir.dim, do=c.ir.dim,
+            in1_block=ins.i_in1, in2_block=ins.i_in2, out_block=ins.i_out,
+            in1_offset=o1[ins.i_in1], in2_offset=o2[ins.i_in2], out_offset=oo[ins.i_out],
+            weight_offset=ins.weight_offset, nonzeros=nz,
+        ))
+    max_mul = max(p.mul for p in paths)
+    return TPPlan(
+        problem=problem, key=problem.key(), paths=tuple(paths),
+        in1_dim=in1.dim, in2_dim=in2.dim, out_dim=out.dim, weight_numel=problem.weight_numel,
+        num_chunks=max(1, -(-max_mul // WARP_SIZE)),
+    )
+
+
+# ---- registry: torch ops receive a plan key (a string) and look the plan up here ---------------------
+_REGISTRY: Dict[str, TPPlan] = {}
+_LOCK = threading.Lock()
+
+
+def register_plan(problem: TPProblem) -> TPPlan:
+    key = problem.key()
+    with _LOCK:
+        plan = _REGISTRY.get(key)
+        if plan is None:
+            plan = build_plan(problem)
+            _REGISTRY[key] = plan
+    return plan
+
+
+def get_plan(key: str) -> TPPlan:
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise RuntimeError(f"mace_accel: no tensor-product plan is registered under key {key!r}; "
+                           "build the TensorProduct/TensorProductConv module in this process first") from None
