@@ -1,3 +1,140 @@
-"""placeholder"""
-def check_available(device):
-    pass
+"""Stage 3a (run time): launch the generated kernels on PyTorch's current CUDA stream.
+
+``forward`` / ``backward`` have the same signature and meaning as the reference executor's. Output
+buffers the kernels fully overwrite are allocated uninitialised (``torch.empty``); the atomic variant
+accumulates into zeroed buffers.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+
+from ...plan import TPPlan
+from ...plan.schedule import EDGES_PER_WARP, WARPS_PER_BLOCK
+from .codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_FORWARD, KIND_GRAD_X,
+                      THREADS_PER_BLOCK, KernelSpec, render)
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_FUNCS: Dict[Tuple[str, KernelSpec, int], object] = {}
+_LOCK = threading.Lock()
+_NULL = np.uint64(0)
+
+
+def check_available(device: torch.device) -> None:
+    """Raise a clear error if the CUDA backend cannot run on ``device``."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("mace_accel: CUDA tensors need CuPy for the generated kernels; install it with "
+                           "`pip install mace_accel[cuda]` (cupy-cuda13x), or move the inputs to the CPU "
+                           f"to use the reference backend ({exc})") from exc
+
+
+def _function(plan: TPPlan, spec: KernelSpec, device_index: int):
+    key = (plan.key, spec, device_index)
+    fn = _FUNCS.get(key)
+    if fn is None:
+        from .compiler import load_function
+
+        rendered = render(plan, spec)
+        fn = load_function(rendered["source"], rendered["name"], device_index)
+        with _LOCK:
+            _FUNCS[key] = fn
+    return fn
+
+
+def _ptr(t) -> np.uint64:
+    return _NULL if t is None else np.uint64(t.data_ptr())
+
+
+def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int, num_edges: int, w_stride: int,
+            X=None, Y=None, W=None, G=None, sender=None, receiver=None, perm=None, seg_ptr=None,
+            OUT=None, DY=None, DW=None) -> None:
+    warps = num_items * plan.num_chunks
+    if warps == 0:
+        return
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _function(plan, spec, index)
+    blocks = -(-warps // WARPS_PER_BLOCK)
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
+    args = tuple(_ptr(t) for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW)) + (
+        np.int64(num_edges), np.int64(num_items), np.int64(w_stride))
+    with cupy.cuda.Device(index):
+        fn((blocks,), (THREADS_PER_BLOCK,), args, stream=stream)
+
+
+def csr(keys: torch.Tensor, num_rows: int):
+    """(perm, seg_ptr): edges ordered by key (stable), and each row's segment [seg_ptr[r], seg_ptr[r+1])."""
+    # searchsorted rather than bincount: no data-dependent output size, so no host sync (graph-capturable)
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    rows = torch.arange(num_rows + 1, dtype=keys.dtype, device=keys.device)
+    return perm, torch.searchsorted(sorted_keys, rows)
+
+
+def _dtype(t: torch.Tensor) -> str:
+    try:
+        return _DTYPES[t.dtype]
+    except KeyError:
+        raise ValueError(f"mace_accel CUDA kernels support float32 and float64, not {t.dtype}") from None
+
+
+def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministic: bool = False):
+    dt, dev = _dtype(x), x.device
+    num_edges = y.shape[0]
+    w_stride = plan.weight_numel if w.dim() == 2 else 0
+    common = dict(X=x, Y=y, W=w, sender=sender, receiver=receiver)
+    if receiver is None:  # plain tensor product: row e <- edge e
+        out = torch.empty(num_edges, plan.out_dim, dtype=x.dtype, device=dev)
+        _launch(plan, KernelSpec(KIND_FORWARD, dt, True), dev, num_edges, num_edges, w_stride, OUT=out, **common)
+    elif deterministic:
+        perm, seg = csr(receiver, num_rows)
+        out = torch.empty(num_rows, plan.out_dim, dtype=x.dtype, device=dev)
+        _launch(plan, KernelSpec(KIND_FORWARD, dt, True), dev, num_rows, num_edges, w_stride, OUT=out,
+                perm=perm, seg_ptr=seg, **common)
+    else:
+        out = torch.zeros(num_rows, plan.out_dim, dtype=x.dtype, device=dev)
+        items = -(-num_edges // EDGES_PER_WARP)
+        _launch(plan, KernelSpec(KIND_FORWARD, dt, False), dev, items, num_edges, w_stride, OUT=out, **common)
+    return out
+
+
+def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y: bool, need_w: bool,
+             deterministic: bool = False):
+    dt, dev = _dtype(x), x.device
+    num_edges = y.shape[0]
+    w_stride = plan.weight_numel if w.dim() == 2 else 0
+    dy_part = torch.empty(plan.num_chunks, num_edges, plan.in2_dim, dtype=x.dtype, device=dev) if need_y else None
+    dw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev) if need_w else None
+    common = dict(X=x, Y=y, W=w, G=gout, sender=sender, receiver=receiver, DY=dy_part, DW=dw_edge)
+    dx = None
+    if receiver is None:  # plain tensor product
+        dx = torch.empty_like(x) if need_x else None
+        spec = KernelSpec(KIND_BACKWARD, dt, True, DX_STORE if need_x else DX_NONE, need_y, need_w)
+        _launch(plan, spec, dev, num_edges, num_edges, w_stride, OUT=dx, **common)
+    elif deterministic:
+        if need_y or need_w:
+            perm, seg = csr(receiver, gout.shape[0])
+            spec = KernelSpec(KIND_BACKWARD, dt, True, DX_NONE, need_y, need_w)
+            _launch(plan, spec, dev, gout.shape[0], num_edges, w_stride, perm=perm, seg_ptr=seg, **common)
+        if need_x:
+            dx = torch.empty_like(x)
+            perm, seg = csr(sender, x.shape[0])
+            _launch(plan, KernelSpec(KIND_GRAD_X, dt, True), dev, x.shape[0], num_edges, w_stride,
+                    X=None, Y=y, W=w, G=gout, sender=sender, receiver=receiver, perm=perm, seg_ptr=seg, OUT=dx)
+    else:
+        dx = torch.zeros_like(x) if need_x else None
+        spec = KernelSpec(KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w)
+        items = -(-num_edges // EDGES_PER_WARP)
+        _launch(plan, spec, dev, items, num_edges, w_stride, OUT=dx, **common)
+    dy = None
+    if need_y:
+        dy = dy_part[0] if plan.num_chunks == 1 else dy_part.sum(0)
+    dw = None
+    if need_w:
+        dw = dw_edge if w.dim() == 2 else dw_edge.sum(0)
+    return dx, dy, dw

@@ -63,7 +63,7 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
         gb = ge[:, p.out_offset:p.out_offset + p.mul * p.do].reshape(num_edges, p.mul, p.do)
         if need_x:
             r = torch.einsum("ej,ijk,euk->eui", yb, c, gb) * wb.unsqueeze(-1)
-            dxe[:, p.in1_offset:p.in1_offset + p.mul * p.d1] += r.reshape(num_edges, -1)
+            dxe[:, p.in1_offset:p.in1_offset + p.mul * p.d1] += r.reshape(num_edges, p.mul * p.d1)
         if need_y:
             dy[:, p.in2_offset:p.in2_offset + p.d2] += torch.einsum("eui,ijk,euk->ej", xb, c, gb * wb.unsqueeze(-1))
         if need_w:

@@ -1,0 +1,272 @@
+"""Stage 3a: render CUDA C++ for a :class:`~mace_accel.plan.TPPlan` from the templates in ``kernels/``.
+
+Torch-free and CuPy-free, so the generated source can be inspected and compiled (nvcc or NVRTC) on any
+machine. The straight-line contraction code is produced from ``plan.paths[*].nonzeros``, the same list
+the reference executor builds its dense blocks from.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List
+
+from ...plan import TPPlan
+from ...plan.schedule import EDGES_PER_WARP, WARP_SIZE, WARPS_PER_BLOCK
+
+KIND_FORWARD, KIND_BACKWARD, KIND_GRAD_X = 0, 1, 2
+DX_NONE, DX_ATOMIC, DX_STORE = 0, 1, 2
+THREADS_PER_BLOCK = WARP_SIZE * WARPS_PER_BLOCK
+_SCALAR = {"float32": "float", "float64": "double"}
+
+
+def template_text(name: str) -> str:
+    """Read a kernel template: from the installed package data, else from the source tree's kernels/."""
+    try:
+        return resources.files("mace_accel.kernels").joinpath(name).read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        here = Path(__file__).resolve().parents[3] / "kernels" / name
+        return here.read_text()
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything that selects one generated kernel (besides the plan)."""
+
+    kind: int
+    dtype: str  # "float32" | "float64"
+    segmented: bool
+    dx_mode: int = DX_NONE
+    need_dy: bool = False
+    need_dw: bool = False
+
+    def tag(self) -> str:
+        return (f"k{self.kind}_{self.dtype[-2:]}_{'seg' if self.segmented else 'run'}"
+                f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}")
+
+
+def _lit(v: float) -> str:
+    return f"C({v!r})"
+
+
+def _blocks(plan: TPPlan):
+    in1 = {}  # block -> (offset, d, mul)
+    out = {}
+    in2 = {}
+    for p in plan.paths:
+        in1[p.in1_block] = (p.in1_offset, p.d1, p.mul)
+        out[p.out_block] = (p.out_offset, p.do, p.mul)
+        in2[p.in2_block] = (p.in2_offset, p.d2)
+    return in1, in2, out
+
+
+class _Code:
+    def __init__(self, indent: int):
+        self.lines: List[str] = []
+        self.indent = indent
+
+    def __call__(self, line: str = ""):
+        self.lines.append(" " * self.indent + line if line else "")
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple]):
+    """Per-lane loads of a row in e3nn layout: value (u, m) of block b at off_b + u * d + m."""
+    for b, (off, d, mul) in sorted(blocks.items()):
+        for m in range(d):
+            code(f"const scalar_t {prefix}{b}_{m} = (u < {mul}) ? {base}[{off} + u * {d} + {m}] : C(0);")
+
+
+def _y_loads(code: _Code, in2: Dict[int, tuple]):
+    for b, (off, d) in sorted(in2.items()):
+        for j in range(d):
+            code(f"const scalar_t y{off + j} = y_row[{off + j}];")
+
+
+def _forward_body(plan: TPPlan, code: _Code, in1, in2):
+    code("const index_t s = sender ? sender[e] : e;")
+    code("const scalar_t* __restrict__ x_row = X + s * D1;")
+    _y_loads(code, in2)
+    _load_rows(code, "x", "x_row", in1)
+    for p in plan.paths:
+        code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
+        code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
+        by_k: Dict[int, list] = {}
+        for i, j, k, c in p.nonzeros:
+            by_k.setdefault(k, []).append((i, j, c))
+        for k, terms in sorted(by_k.items()):
+            expr = " + ".join(f"{_lit(c)} * x{p.in1_block}_{i} * y{p.in2_offset + j}" for i, j, c in terms)
+            code(f"  a{p.out_block}_{k} += w * ({expr});")
+        code("}")
+
+
+def _t_terms(p, g_name):
+    """T_i = sum_jk c_ijk y_j g_k for each i of the path."""
+    by_i: Dict[int, list] = {}
+    for i, j, k, c in p.nonzeros:
+        by_i.setdefault(i, []).append((j, k, c))
+    return {i: " + ".join(f"{_lit(c)} * y{p.in2_offset + j} * {g_name}{p.out_block}_{k}" for j, k, c in terms)
+            for i, terms in sorted(by_i.items())}
+
+
+def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
+    code("const index_t s = sender ? sender[e] : e;")
+    code("const scalar_t* __restrict__ x_row = X + s * D1;")
+    _y_loads(code, in2)
+    _load_rows(code, "x", "x_row", in1)
+    want_dx = spec.dx_mode != DX_NONE
+    if spec.need_dy:
+        for b, (off, d) in sorted(in2.items()):
+            for j in range(d):
+                code(f"scalar_t dy{off + j} = C(0);")
+    if want_dx:
+        for b, (off, d, mul) in sorted(in1.items()):
+            for i in range(d):
+                code(f"scalar_t dx{b}_{i} = C(0);")
+    for p in plan.paths:
+        code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
+        code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
+        if want_dx or spec.need_dw:
+            t = _t_terms(p, "g")
+            for i, expr in t.items():
+                code(f"  const scalar_t t{i} = {expr};")
+            if want_dx:
+                for i in t:
+                    code(f"  dx{p.in1_block}_{i} += w * t{i};")
+            if spec.need_dw:
+                dw = " + ".join(f"x{p.in1_block}_{i} * t{i}" for i in t)
+                code(f"  if (u < {p.mul}) DW[e * WN + {p.weight_offset} + u] = {dw};")
+        if spec.need_dy:
+            by_j: Dict[int, list] = {}
+            for i, j, k, c in p.nonzeros:
+                by_j.setdefault(j, []).append((i, k, c))
+            for j, terms in sorted(by_j.items()):
+                expr = " + ".join(f"{_lit(c)} * x{p.in1_block}_{i} * g{p.out_block}_{k}" for i, k, c in terms)
+                code(f"  dy{p.in2_offset + j} += w * ({expr});")
+        code("}")
+    if spec.need_dy:
+        code("// reduce dy over the warp's channels; lane 0 writes this chunk's partial sum")
+        for b, (off, d) in sorted(in2.items()):
+            for j in range(d):
+                v = f"dy{off + j}"
+                code(f"for (int o = WARP_SIZE / 2; o > 0; o >>= 1) {v} += __shfl_xor_sync(0xffffffffu, {v}, o);")
+        code("if (lane == 0) {")
+        code("  scalar_t* __restrict__ dy_row = DY + ((index_t)chunk * num_edges + e) * D2;")
+        for b, (off, d) in sorted(in2.items()):
+            for j in range(d):
+                code(f"  dy_row[{off + j}] = dy{off + j};")
+        code("}")
+    if want_dx:
+        base = "OUT + s * D1" if spec.dx_mode == DX_ATOMIC else "OUT + e * D1"
+        code(f"scalar_t* __restrict__ dx_row = {base};")
+        for b, (off, d, mul) in sorted(in1.items()):
+            code(f"if (u < {mul}) {{")
+            for i in range(d):
+                target = f"dx_row[{off} + u * {d} + {i}]"
+                if spec.dx_mode == DX_ATOMIC:
+                    code(f"  atomicAdd(&{target}, dx{b}_{i});")
+                else:
+                    code(f"  {target} = dx{b}_{i};")
+            code("}")
+
+
+def _grad_x_body(plan: TPPlan, code: _Code, in1, in2, out):
+    code("const index_t r = receiver ? receiver[e] : e;")
+    code("const scalar_t* __restrict__ g_row = G + r * DO;")
+    _y_loads(code, in2)
+    _load_rows(code, "g", "g_row", out)
+    for p in plan.paths:
+        code(f"{{  // path {p.index}")
+        code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
+        for i, expr in _t_terms(p, "g").items():
+            code(f"  a{p.in1_block}_{i} += w * ({expr});")
+        code("}")
+
+
+def _acc_decl(blocks) -> str:
+    names = [f"a{b}_{m}" for b, (off, d, *_rest) in sorted(blocks.items()) for m in range(d)]
+    return "    scalar_t " + ", ".join(f"{n} = C(0)" for n in names) + ";"
+
+
+def _acc_zero(blocks) -> str:
+    return "\n".join(f"        a{b}_{m} = C(0);" for b, (off, d, *_r) in sorted(blocks.items()) for m in range(d))
+
+
+def _acc_flush(blocks, row_dim: str, atomic: bool) -> str:
+    lines = [f"        scalar_t* __restrict__ o_row = OUT + row * {row_dim};"]
+    for b, (off, d, mul) in sorted(blocks.items()):
+        lines.append(f"        if (u < {mul}) {{")
+        for m in range(d):
+            t = f"o_row[{off} + u * {d} + {m}]"
+            lines.append(f"            atomicAdd(&{t}, a{b}_{m});" if atomic else f"            {t} = a{b}_{m};")
+        lines.append("        }")
+    return "\n".join(lines)
+
+
+def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
+    """Returns {"name": kernel symbol, "source": CUDA C++}."""
+    in1, in2, out = _blocks(plan)
+    body = _Code(8)
+    if spec.kind == KIND_FORWARD:
+        _forward_body(plan, body, in1, in2)
+        acc_blocks, row_dim = out, "DO"
+    elif spec.kind == KIND_BACKWARD:
+        _backward_body(plan, spec, body, in1, in2)
+        acc_blocks, row_dim = None, None
+    elif spec.kind == KIND_GRAD_X:
+        _grad_x_body(plan, body, in1, in2, out)
+        acc_blocks, row_dim = in1, "D1"
+    else:
+        raise ValueError(f"unknown kernel kind {spec.kind}")
+
+    if acc_blocks is not None:
+        state = _acc_decl(acc_blocks)
+        begin = _acc_zero(acc_blocks)
+        end_store = _acc_flush(acc_blocks, row_dim, atomic=False)
+        end_atomic = _acc_flush(acc_blocks, row_dim, atomic=True)
+    else:  # backward: the segment's state is the output gradient row, reloaded when the receiver changes
+        names = [f"g{b}_{m}" for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
+        state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in names) + ";"
+        lines = ["        const scalar_t* __restrict__ g_row = G + row * DO;"]
+        for b, (off, d, mul) in sorted(out.items()):
+            for m in range(d):
+                lines.append(f"        g{b}_{m} = (u < {mul}) ? g_row[{off} + u * {d} + {m}] : C(0);")
+        begin = "\n".join(lines)
+        end_store = end_atomic = "        ;"
+
+    src = template_text("tp_conv.cu")
+    prefix = f"mace_accel_tp_{plan.key[:12]}_{spec.tag()}"
+    subs = {
+        "NAME": prefix,
+        "SCALAR": _SCALAR[spec.dtype],
+        "WARP_SIZE": str(WARP_SIZE),
+        "NCHUNK": str(plan.num_chunks),
+        "EDGES_PER_WARP": str(EDGES_PER_WARP),
+        "SEGMENTED": str(int(spec.segmented)),
+        "KIND": str(spec.kind),
+        "DX_MODE": str(spec.dx_mode),
+        "NEED_DY": str(int(spec.need_dy)),
+        "NEED_DW": str(int(spec.need_dw)),
+        "D1": str(plan.in1_dim),
+        "D2": str(plan.in2_dim),
+        "DO": str(plan.out_dim),
+        "WN": str(plan.weight_numel),
+        "THREADS": str(THREADS_PER_BLOCK),
+        "SEGMENT_STATE": state,
+        "SEGMENT_BEGIN": begin,
+        "SEGMENT_END_STORE": end_store,
+        "SEGMENT_END_ATOMIC": end_atomic,
+        "EDGE_BODY": body.text(),
+    }
+    for k, v in subs.items():
+        src = src.replace(f"$${k}$$", v)
+    if "$$" in src:
+        raise RuntimeError(f"unrendered placeholder in kernel template: {src[src.index('$$'):][:40]}")
+    return {"name": prefix, "source": src}
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()

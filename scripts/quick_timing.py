@@ -1,0 +1,92 @@
+"""Quick GPU timing of our conv kernels alone (the side-by-side peer benchmark is benchmarks/bench_conv.py).
+
+    python scripts/quick_timing.py [--edges 160000] [--nodes 2048] [--json OUT.json]
+
+Random graph with the given size, receivers sorted (as the calculator's neighbour list gives them) and
+shuffled; CUDA events, warm-up, median. Prints ms and the fraction of measured copy bandwidth reached for the
+forward pass (bytes: W, Y, X, indices read once, output written once).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import torch  # noqa: E402
+
+import mace_accel  # noqa: E402
+from tp_cases import mace_conv_args  # noqa: E402
+
+
+def timeit(fn, reps=30, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def copy_bandwidth():
+    a = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    ms = timeit(lambda: b.copy_(a), reps=20)
+    return 2 * a.numel() * 4 / (ms * 1e-3)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--edges", type=int, default=160_000)
+    ap.add_argument("--nodes", type=int, default=2048)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    rows = []
+    for layer in ("layer0", "medium1", "large1"):
+        node, sh, mid, ins = mace_conv_args(layer)
+        for dtype in (torch.float32, torch.float64):
+            for order in ("sorted", "shuffled"):
+                for det in (False, True):
+                    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=det, check_inputs=False)
+                    E, N = args.edges, args.nodes
+                    r = torch.sort(torch.randint(0, N, (E,), device="cuda"))[0]
+                    if order == "shuffled":
+                        r = r[torch.randperm(E, device="cuda")]
+                    s = torch.randint(0, N, (E,), device="cuda")
+                    x = torch.randn(N, node.dim, device="cuda", dtype=dtype, requires_grad=True)
+                    y = torch.randn(E, sh.dim, device="cuda", dtype=dtype, requires_grad=True)
+                    w = torch.randn(E, conv.weight_numel, device="cuda", dtype=dtype, requires_grad=True)
+                    fwd = timeit(lambda: conv(x, y, w, s, r))
+                    go = torch.randn(N, mid.dim, device="cuda", dtype=dtype)
+
+                    def fb():
+                        out = conv(x, y, w, s, r)
+                        torch.autograd.grad(out, (x, y, w), go)
+
+                    fwdbwd = timeit(fb)
+                    es = torch.finfo(dtype).bits // 8
+                    nbytes = es * (E * conv.weight_numel + E * sh.dim + N * node.dim + N * mid.dim) + 16 * E
+                    rows.append(dict(layer=layer, dtype=str(dtype)[6:], order=order, deterministic=det,
+                                     fwd_ms=fwd, fwdbwd_ms=fwdbwd, fwd_bytes=nbytes,
+                                     fwd_frac_copy_bw=nbytes / (fwd * 1e-3) / bw))
+                    print(f"{layer:8s} {rows[-1]['dtype']:8s} {order:8s} det={int(det)} fwd {fwd:7.3f} ms "
+                          f"fwd+bwd {fwdbwd:7.3f} ms  fwd at {100 * rows[-1]['fwd_frac_copy_bw']:5.1f}% of copy bw",
+                          flush=True)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s on {torch.cuda.get_device_name(0)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(0), copy_bw=bw, edges=args.edges, nodes=args.nodes,
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""GPU: the generated kernels against the reference backend and e3nn (run on the device; skipped without CUDA)."""
+import pytest
+import torch
+from e3nn import o3
+
+import mace_accel
+from tp_cases import e3nn_conv, e3nn_tp, mace_conv_args, random_graph, rel
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
+DEV = "cuda"
+
+
+def _inputs(conv, n, e, dtype, seed, shared=False, sort_receiver=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, conv.plan.in1_dim, generator=g, dtype=dtype)
+    y = torch.randn(e, conv.plan.in2_dim, generator=g, dtype=dtype)
+    w = torch.randn(*(() if shared else (e,)), conv.weight_numel, generator=g, dtype=dtype)
+    s, r = random_graph(n, e, generator=g, sort_receiver=sort_receiver)
+    return [t.to(DEV) for t in (x, y, w, s, r)]
+
+
+def _all_orders(fn, args, go, vs):
+    args = [a.clone().requires_grad_(True) for a in args]
+    out = fn(*args)
+    g1 = torch.autograd.grad(out, args, go, create_graph=True)
+    g2 = torch.autograd.grad(sum((a * v).sum() for a, v in zip(g1, vs)), args)
+    return out, g1, g2
+
+
+def _check(conv, tp64, x, y, w, s, r, dtype):
+    ftol, gtol = TOL[dtype]
+    n = x.shape[0]
+    go = torch.randn(n, conv.plan.out_dim, dtype=torch.float64, device=DEV)
+    vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
+    ref = _all_orders(lambda a, b, c: e3nn_conv(tp64, a, b, c, s, r, n), [t.double() for t in (x, y, w)], go, vs)
+    out = _all_orders(lambda a, b, c: conv(a, b, c, s, r), [x, y, w], go.to(dtype), [v.to(dtype) for v in vs])
+    assert rel(out[0].double(), ref[0]) < ftol, "forward"
+    for order in (1, 2):
+        for name, a, b in zip("xyw", out[order], ref[order]):
+            assert rel(a.double(), b) < gtol, f"order {order} d/d{name}"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["layer0", "medium1", "large1"])
+def test_mace_layers_cuda_vs_e3nn(layer, dtype, deterministic):
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=1)
+    _check(conv, tp64, x, y, w, s, r, dtype)
+
+
+@pytest.mark.parametrize("mul", [8, 16, 96, 192, 33])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_multiplicities_and_normalisations(mul, deterministic):
+    from mace.modules.irreps_tools import tp_out_irreps_with_instructions
+
+    node = o3.Irreps(f"{mul}x0e+{mul}x1o+{max(mul // 2, 1)}x2e+{max(mul // 4, 1)}x4e")
+    sh = o3.Irreps.spherical_harmonics(4)
+    target = o3.Irreps("+".join(f"{mul}x{l}{p}" for l in range(5) for p in "eo"))
+    mid, ins = tp_out_irreps_with_instructions(node, sh, target)
+    for inorm, pnorm in (("component", "element"), ("norm", "path")):
+        conv = mace_accel.TensorProductConv(node, sh, mid, ins, irrep_normalization=inorm, path_normalization=pnorm,
+                                            deterministic=deterministic)
+        tp64 = e3nn_tp(node, sh, mid, ins, irrep_normalization=inorm, path_normalization=pnorm, device=DEV)
+        for dtype in (torch.float32, torch.float64):
+            x, y, w, s, r = _inputs(conv, 20, 150, dtype, seed=mul)
+            _check(conv, tp64, x, y, w, s, r, dtype)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_plain_tp_cuda(shared):
+    node, sh, mid, ins = mace_conv_args("large1", mul=32)
+    m = mace_accel.TensorProduct(node, sh, mid, ins, shared_weights=shared)
+    tp64 = e3nn_tp(node, sh, mid, ins, shared_weights=shared, device=DEV)
+    for dtype in (torch.float32, torch.float64):
+        ftol, gtol = TOL[dtype]
+        x = torch.randn(300, node.dim, dtype=dtype, device=DEV)
+        y = torch.randn(300, sh.dim, dtype=dtype, device=DEV)
+        w = torch.randn(*(() if shared else (300,)), m.weight_numel, dtype=dtype, device=DEV)
+        go = torch.randn(300, mid.dim, dtype=torch.float64, device=DEV)
+        vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
+        ref = _all_orders(tp64, [t.double() for t in (x, y, w)], go, vs)
+        out = _all_orders(m, [x, y, w], go.to(dtype), [v.to(dtype) for v in vs])
+        assert rel(out[0].double(), ref[0]) < ftol
+        for order in (1, 2):
+            for a, b in zip(out[order], ref[order]):
+                assert rel(a.double(), b) < gtol
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gradcheck_gradgradcheck_cuda(deterministic):
+    node, sh, mid, ins = mace_conv_args("large1", mul=3, lmax_sh=2)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    x, y, w, s, r = _inputs(conv, 4, 9, torch.float64, seed=2)
+    args = tuple(t.requires_grad_(True) for t in (x, y, w))
+    f = lambda a, b, c: conv(a, b, c, s, r)  # noqa: E731
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def _poison_allocator(nbytes_list):
+    """Leave NaN-filled blocks of the given sizes in PyTorch's caching allocator: uninitialised outputs of those
+    sizes then start as NaN, so an element a kernel fails to write shows up."""
+    blocks = [torch.full((nb // 4,), float("nan"), dtype=torch.float32, device=DEV) for nb in nbytes_list]
+    torch.cuda.synchronize()
+    del blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_poisoned_outputs_are_fully_written(dtype):
+    node, sh, mid, ins = mace_conv_args("medium1", mul=64)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=True)
+    x, y, w, s, r = _inputs(conv, 37, 400, dtype, seed=4)
+    r[r == 5] = 6  # node 5 receives nothing: its row must still be written (zeros)
+    s[s == 7] = 8  # node 7 sends nothing: its dx row must be written (zeros)
+    es = torch.finfo(dtype).bits // 8
+    for _ in range(3):
+        _poison_allocator([37 * mid.dim * es, 37 * node.dim * es, 400 * conv.weight_numel * es,
+                           2 * 400 * sh.dim * es])
+        xs = [t.clone().requires_grad_(True) for t in (x, y, w)]
+        out = conv(*xs, s, r)
+        assert torch.isfinite(out).all()
+        assert torch.all(out[5] == 0)
+        grads = torch.autograd.grad(out, xs, torch.randn_like(out))
+        for gr in grads:
+            assert torch.isfinite(gr).all()
+        assert torch.all(grads[0][7] == 0)
+
+
+def test_deterministic_variant_is_bitwise_reproducible():
+    node, sh, mid, ins = mace_conv_args("medium1", mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=True)
+    x, y, w, s, r = _inputs(conv, 200, 20000, torch.float32, seed=5)
+    go = torch.randn(200, mid.dim, device=DEV)
+    results = []
+    for _ in range(5):
+        xs = [t.clone().requires_grad_(True) for t in (x, y, w)]
+        out = conv(*xs, s, r)
+        results.append([out] + list(torch.autograd.grad(out, xs, go)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_ragged_degrees_and_unsorted_indices(deterministic):
+    node, sh, mid, ins = mace_conv_args("large1", mul=32)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    n = 64
+    # node 0 receives 3000 edges, most nodes a few, several none; order shuffled
+    r = torch.cat([torch.zeros(3000, dtype=torch.long), torch.randint(1, n // 2, (500,))])
+    r = r[torch.randperm(r.numel())].to(DEV)
+    s = torch.randint(0, n, (r.numel(),)).to(DEV)
+    x = torch.randn(n, node.dim, device=DEV, dtype=torch.float64)
+    y = torch.randn(r.numel(), sh.dim, device=DEV, dtype=torch.float64)
+    w = torch.randn(r.numel(), conv.weight_numel, device=DEV, dtype=torch.float64)
+    _check(conv, tp64, x, y, w, s, r, torch.float64)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_million_edge_graph(deterministic):
+    node, sh, mid, ins = mace_conv_args("medium1", mul=32)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    n, e = 20000, 1_200_000
+    x, y, w, s, r = _inputs(conv, n, e, torch.float32, seed=6)
+    out = conv(x, y, w, s, r)
+    # reference on the GPU in float64, in chunks of edges (the sum is linear in the edges)
+    from mace_accel.backends import reference
+
+    ref = torch.zeros(n, mid.dim, dtype=torch.float64, device=DEV)
+    for a in range(0, e, 200_000):
+        sl = slice(a, a + 200_000)
+        ref += reference.forward(conv.plan, x.double(), y[sl].double(), w[sl].double(), s[sl], r[sl], n)
+    assert rel(out.double(), ref) < 1e-5
+
+
+def test_empty_graph_cuda():
+    node, sh, mid, ins = mace_conv_args("medium1", mul=32)
+    for det in (False, True):
+        conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=det)
+        x = torch.randn(5, node.dim, device=DEV, requires_grad=True)
+        y = torch.randn(0, sh.dim, device=DEV, requires_grad=True)
+        w = torch.randn(0, conv.weight_numel, device=DEV, requires_grad=True)
+        e = torch.zeros(0, dtype=torch.long, device=DEV)
+        out = conv(x, y, w, e, e)
+        assert out.shape == (5, mid.dim) and torch.all(out == 0)
+        gx, = torch.autograd.grad(out.sum(), (x,))
+        assert torch.all(gx == 0)
+
+
+def test_cuda_graph_capture_and_streams():
+    node, sh, mid, ins = mace_conv_args("medium1", mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False)
+    x, y, w, s, r = _inputs(conv, 100, 3000, torch.float32, seed=7)
+    ref = conv(x, y, w, s, r)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            conv(x, y, w, s, r)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = conv(x, y, w, s, r)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel(out, conv(x, y, w, s, r)) < 1e-6
+    assert rel(out, ref) > 1e-3  # the replay used the new x
+
+
+def test_torch_compile_cuda():
+    node, sh, mid, ins = mace_conv_args("medium1", mul=32)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False)
+    x, y, w, s, r = _inputs(conv, 30, 300, torch.float32, seed=8)
+    f = torch.compile(lambda a, b, c: conv(a, b, c, s, r).square().sum(), fullgraph=True)
+    xs = [t.clone().requires_grad_(True) for t in (x, y, w)]
+    val = f(*xs)
+    g = torch.autograd.grad(val, xs)
+    xr = [t.clone().requires_grad_(True) for t in (x, y, w)]
+    val_ref = conv(*xr, s, r).square().sum()
+    g_ref = torch.autograd.grad(val_ref, xr)
+    assert rel(val, val_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        assert rel(a, b) < 1e-4

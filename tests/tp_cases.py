@@ -1,0 +1,58 @@
+"""Problem builders and e3nn oracles shared by the tensor-product tests (test code, not library code)."""
+import os
+
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+import mace  # noqa: E402,F401  (sets up e3nn's torch.load flag)
+import torch  # noqa: E402
+from e3nn import o3  # noqa: E402
+from mace.modules.irreps_tools import tp_out_irreps_with_instructions  # noqa: E402
+
+SH3 = "1x0e+1x1o+1x2e+1x3o"
+TARGET = "{m}x0e+{m}x1o+{m}x2e+{m}x3o"
+
+# MACE-MP-0 conv layers: (name, node irreps); sh up to l=3, targets 128x(0e+1o+2e+3o)
+MACE_MP0_LAYERS = {
+    "layer0": "{m}x0e",  # every model's first layer (and small's second)
+    "medium1": "{m}x0e+{m}x1o",
+    "large1": "{m}x0e+{m}x1o+{m}x2e",
+}
+
+
+def mace_conv_args(layer: str, mul: int = 128, lmax_sh: int = 3):
+    node = o3.Irreps(MACE_MP0_LAYERS[layer].format(m=mul))
+    sh = o3.Irreps.spherical_harmonics(lmax_sh)
+    target = o3.Irreps(TARGET.format(m=mul))
+    mid, ins = tp_out_irreps_with_instructions(node, sh, target)
+    return node, sh, mid, ins
+
+
+def e3nn_tp(node, sh, mid, ins, shared_weights=False, irrep_normalization="component",
+            path_normalization="element", dtype=torch.float64, device="cpu"):
+    # e3nn builds its Wigner 3j buffers in the default dtype: build in float64 so the oracle is exact
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tp = o3.TensorProduct(node, sh, mid, ins, shared_weights=shared_weights, internal_weights=False,
+                              irrep_normalization=irrep_normalization, path_normalization=path_normalization)
+    finally:
+        torch.set_default_dtype(old)
+    return tp.to(dtype=dtype, device=device)
+
+
+def e3nn_conv(tp, x, y, w, sender, receiver, num_nodes):
+    msg = tp(x[sender], y, w)
+    return torch.zeros(num_nodes, msg.shape[1], dtype=msg.dtype, device=msg.device).index_add(0, receiver, msg)
+
+
+def random_graph(num_nodes, num_edges, generator=None, device="cpu", sort_receiver=False):
+    s = torch.randint(0, num_nodes, (num_edges,), generator=generator)
+    r = torch.randint(0, num_nodes, (num_edges,), generator=generator)
+    if sort_receiver:
+        r, order = torch.sort(r)
+        s = s[order]
+    return s.to(device), r.to(device)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
