@@ -241,6 +241,22 @@ def test_unsupported_conv_normalisation_is_refused_with_sub_path():
     assert any(e.path == "interactions.0" and "unsupported" in e.detail for e in rep.kept)
 
 
+def test_unsupported_skip_tp_strict_and_non_strict():
+    m = model("mp-small", 8)
+    fctp = m.interactions[1].skip_tp
+    fctp.instructions = [i._replace(path_weight=i.path_weight * 3) for i in fctp.instructions]  # metadata only
+    with pytest.raises(UnsupportedModuleError) as ei:
+        accelerate(m)
+    assert ei.value.path == "interactions.1.skip_tp"
+    acc, rep = accelerate(m, strict=False, report=True)
+    block = acc.interactions[1]
+    assert isinstance(block, AcceleratedBlockMixin) and isinstance(block.conv_tp, FusedConvTP)
+    assert type(block.skip_tp) is type(fctp)
+    assert any(e.path == "interactions.1.skip_tp" and e.action == "kept" for e in rep.entries)
+    assert check_parity(m, acc, F64).passed
+    assert class_names(to_e3nn(acc)) == class_names(m)
+
+
 def test_not_a_mace_model():
     with pytest.raises(SurgeryError):
         accelerate("model.model")

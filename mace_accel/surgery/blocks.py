@@ -291,15 +291,16 @@ def unsupported_reason(block: torch.nn.Module) -> Optional[str]:
 
 
 def accelerate_block(block: torch.nn.Module, *, deterministic: bool = False, skip_strategy: str = "auto",
-                     strict: bool = True) -> List[Tuple[str, str, str]]:
-    """Accelerate one supported mace block in place. Returns report rows (sub-path, action, detail).
+                     strict: bool = True) -> List[Tuple[str, str, str, str]]:
+    """Accelerate one supported mace block in place. Returns report rows
+    (sub-path, class name of the module found there, action, detail).
 
     Raises UnsupportedModuleError (path relative to the block) if the conv TP cannot be fused, or, with
     ``strict``, if the element skip TP cannot be replaced (without ``strict`` it then stays e3nn).
     """
-    rows: List[Tuple[str, str, str]] = []
+    rows: List[Tuple[str, str, str, str]] = []
     if isinstance(block, AcceleratedBlockMixin) and isinstance(block.conv_tp, FusedConvTP):
-        return [("", "kept", "already accelerated")]
+        return [("", type(block).__name__, "kept", "already accelerated")]
     base = type(block) if not isinstance(block, AcceleratedBlockMixin) else block._mace_base
     accel_cls = ACCELERATED.get(base)
     if accel_cls is None:
@@ -315,14 +316,14 @@ def accelerate_block(block: torch.nn.Module, *, deterministic: bool = False, ski
         except UnsupportedModuleError as e:
             if strict:
                 raise e.at("skip_tp") from None
-            rows.append(("skip_tp", "kept", f"left as e3nn: {e.reason}"))
-    block.conv_tp = conv
-    rows.append(("conv_tp", "replaced",
+            rows.append(("skip_tp", type(block.skip_tp).__name__, "kept", f"left as e3nn: {e.reason}"))
+    rows.append(("conv_tp", type(block.conv_tp).__name__, "replaced",
                  f"e3nn TensorProduct + scatter_sum -> mace_accel.TensorProductConv (fused; {conv.extra_repr()})"))
+    block.conv_tp = conv
     if skip is not None:
-        block.skip_tp = skip
-        rows.append(("skip_tp", "replaced",
+        rows.append(("skip_tp", type(block.skip_tp).__name__, "replaced",
                      f"e3nn FullyConnectedTensorProduct(x, one-hot) -> per-element linear map ({skip.extra_repr()})"))
+        block.skip_tp = skip
     block.__class__ = accel_cls
     return rows
 

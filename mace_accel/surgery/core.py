@@ -222,8 +222,8 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
             rep.add(name, cls_name, "kept", f"unsupported, left as e3nn: {err}")
             done_prefixes.append(name + ".")
             continue
-        for sub, action, detail in rows:
-            rep.add(f"{name}.{sub}" if sub else name, cls_name if not sub else sub, action, detail)
+        for sub, mod_name, action, detail in rows:
+            rep.add(f"{name}.{sub}" if sub else name, mod_name, action, detail)
         if isinstance(block, AcceleratedBlockMixin):
             rep.add(name, cls_name, "replaced", f"block {cls_name} -> {type(block).__name__} (mace 0.3.16 forward, "
                                                 "fused conv)")
