@@ -197,10 +197,16 @@ def make_impl(name: str, cfg: Dict[str, Any], dtype: torch.dtype, device: torch.
             sender, receiver, n = d["sender"], d["receiver"], d["num_nodes"]
 
             def call(x, y, w):
+                # Our backend memoises the receiver sort per index tensor (a model reuses it across layers
+                # and passes). Forget it at every call, so each timed call pays the sort like the peers would.
+                if x.is_cuda:
+                    from mace_accel.backends import cuda as _cuda_backend
+
+                    _cuda_backend._CSR_CACHE.clear()
                 return mod(x, y, w, sender, receiver, n)
 
             return Bound(call, d["x"], d["y"], d["w"], d["g"], d["vx"], d["vy"], d["vw"],
-                         notes={"check_inputs": kw.get("check_inputs", True)})
+                         notes={"check_inputs": kw.get("check_inputs", True), "receiver_sort": "timed"})
 
         return bind
 

@@ -5,8 +5,9 @@
 //   * one warp owns one (work item, channel chunk) pair; lane = channel u within the chunk;
 //   * a work item is a run of edges [p0, p1) in processing order (edge e = perm[p], or p);
 //       SEGMENTED = 1: item = one output row's CSR segment (deterministic: plain stores, fixed order);
-//       SEGMENTED = 0: item = EDGES_PER_WARP consecutive edges in the caller's order; accumulators are
-//                      flushed with atomics whenever the segment key changes (no sorting needed);
+//       SEGMENTED = 0: item = EDGES_PER_WARP consecutive edges in processing order (receiver-sorted by the
+//                      host, or the caller's order); accumulators are flushed with atomics whenever the
+//                      segment key changes, so a sorted order costs about two flushes per warp;
 //   * the CG contraction is unrolled straight-line code, generated from the plan's nonzeros.
 // Kernel kinds (KIND):
 //   0 forward : acc(out row = receiver) += w * CG(x[sender], y)
@@ -65,35 +66,52 @@ extern "C" __global__ void __launch_bounds__(THREADS) $$NAME$$(
 $$SEGMENT_STATE$$
 
 #if SEGMENTED
-$$SEGMENT_BEGIN$$
+$$SEGMENT_LOAD$$
+#else
+    static_assert(EDGES_PER_WARP <= WARP_SIZE, "a run must fit in one batch of edges");
 #endif
 
-    for (index_t p = p0; p < p1; ++p) {
-        const index_t e = perm ? perm[p] : p;
+    // Edges are walked in batches of WARP_SIZE: lane q first loads the indices of edge base + q (one
+    // coalesced load per array instead of a dependent chain per edge), then they are broadcast by shuffle.
+    for (index_t base = p0; base < p1; base += WARP_SIZE) {
+        index_t my_e = 0, my_key = 0, my_other = 0;
+        if (base + lane < p1) {
+            my_e = perm ? perm[base + lane] : base + lane;
 #if KIND == 2
-        const index_t key = sender ? sender[e] : e;
+            my_key = sender ? sender[my_e] : my_e;
+            my_other = receiver ? receiver[my_e] : my_e;
 #else
-        const index_t key = receiver ? receiver[e] : e;
+            my_key = receiver ? receiver[my_e] : my_e;
+            my_other = sender ? sender[my_e] : my_e;
 #endif
-#if !SEGMENTED
-        if (key != row) {
-            if (row >= 0) {
-$$SEGMENT_END_ATOMIC$$
-            }
-            row = key;
-$$SEGMENT_BEGIN$$
         }
+        const int batch = (p1 - base < WARP_SIZE) ? (int)(p1 - base) : WARP_SIZE;
+        for (int q = 0; q < batch; ++q) {
+            const index_t e = __shfl_sync(0xffffffffu, my_e, q);
+            const index_t key = __shfl_sync(0xffffffffu, my_key, q);
+            const index_t other = __shfl_sync(0xffffffffu, my_other, q);
+#if !SEGMENTED
+            // a run is one warp's batch (EDGES_PER_WARP <= WARP_SIZE); flush when the next key differs
+            const index_t next_key = __shfl_sync(0xffffffffu, my_key, (q + 1) & (WARP_SIZE - 1));
+            const bool last_of_run = (q + 1 == batch) || (next_key != key);
+            if (key != row) {
+                row = key;
+$$SEGMENT_LOAD$$
+            }
 #endif
-        const scalar_t* __restrict__ y_row = Y + e * D2;
-        const scalar_t* __restrict__ w_row = W + e * w_stride;
+            const scalar_t* __restrict__ y_row = Y + e * D2;
+            const scalar_t* __restrict__ w_row = W + e * w_stride;
 $$EDGE_BODY$$
+#if !SEGMENTED
+            if (last_of_run) {
+$$SEGMENT_END_ATOMIC$$
+$$SEGMENT_ZERO$$
+            }
+#endif
+        }
     }
 
 #if SEGMENTED
 $$SEGMENT_END_STORE$$
-#else
-    if (row >= 0) {
-$$SEGMENT_END_ATOMIC$$
-    }
 #endif
 }

@@ -50,13 +50,21 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     bw = copy_bandwidth()
+    from mace_accel.backends import cuda as cuda_backend
+
+    keys = torch.randint(0, args.nodes, (args.edges,), device="cuda")
+    print(f"sort of {args.edges} int64 keys: {timeit(lambda: torch.sort(keys)):.3f} ms, as int32: "
+          f"{timeit(lambda: torch.sort(keys.int())):.3f} ms; csr(): "
+          f"{timeit(lambda: cuda_backend.csr(keys, args.nodes)):.3f} ms", flush=True)
     rows = []
     for layer in ("layer0", "medium1", "large1"):
         node, sh, mid, ins = mace_conv_args(layer)
         for dtype in (torch.float32, torch.float64):
-            for order in ("sorted", "shuffled"):
-                for det in (False, True):
-                    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=det, check_inputs=False)
+            for order in ("shuffled",):
+                for det in (False, True, 8, 16):
+                    cuda_backend.RUN_EDGES_PER_WARP = det if det not in (False, True) else 32
+                    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=det is True,
+                                                        check_inputs=False)
                     E, N = args.edges, args.nodes
                     r = torch.sort(torch.randint(0, N, (E,), device="cuda"))[0]
                     if order == "shuffled":
@@ -75,10 +83,10 @@ def main():
                     fwdbwd = timeit(fb)
                     es = torch.finfo(dtype).bits // 8
                     nbytes = es * (E * conv.weight_numel + E * sh.dim + N * node.dim + N * mid.dim) + 16 * E
-                    rows.append(dict(layer=layer, dtype=str(dtype)[6:], order=order, deterministic=det,
+                    rows.append(dict(layer=layer, dtype=str(dtype)[6:], order=order, variant=str(det),
                                      fwd_ms=fwd, fwdbwd_ms=fwdbwd, fwd_bytes=nbytes,
                                      fwd_frac_copy_bw=nbytes / (fwd * 1e-3) / bw))
-                    print(f"{layer:8s} {rows[-1]['dtype']:8s} {order:8s} det={int(det)} fwd {fwd:7.3f} ms "
+                    print(f"{layer:8s} {rows[-1]['dtype']:8s} {order:8s} {str(det):5s} fwd {fwd:7.3f} ms "
                           f"fwd+bwd {fwdbwd:7.3f} ms  fwd at {100 * rows[-1]['fwd_frac_copy_bw']:5.1f}% of copy bw",
                           flush=True)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s on {torch.cuda.get_device_name(0)}")

@@ -93,8 +93,10 @@ class TensorProductConv(_TPBase):
     ``out[r] = sum over edges e with receiver[e] == r of TP(x[sender[e]], y[e], w[e])``.
     ``num_nodes`` defaults to ``x.shape[0]``.
 
-    ``deterministic=True`` reduces each receiver's messages in a fixed order (results are bitwise
-    reproducible run to run on the GPU); ``False`` scatters with atomics and needs no sorting.
+    On the GPU the forward pass always reduces each receiver's messages in a fixed order (edges are sorted by
+    receiver once per graph and the order is memoised). ``deterministic=True`` makes the backward pass
+    bitwise reproducible as well (dx is reduced per sender in a second pass); ``False`` scatters dx with
+    atomics, which is faster.
     """
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, sender: torch.Tensor,

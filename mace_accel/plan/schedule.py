@@ -23,8 +23,8 @@ from .cg import wigner_3j
 WARP_SIZE = 32
 #: Warps in one thread block of the conv kernels.
 WARPS_PER_BLOCK = 4
-#: Edges a warp walks in the atomic (unsorted) variant before it flushes and stops.
-EDGES_PER_WARP = 16
+#: Edges a warp walks in the atomic variant (over receiver-sorted edges) before it flushes and stops.
+EDGES_PER_WARP = 32
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ accumulates into zeroed buffers.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Dict, Tuple
 
 import numpy as np
@@ -21,6 +22,8 @@ _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _FUNCS: Dict[Tuple[str, KernelSpec, int], object] = {}
 _LOCK = threading.Lock()
 _NULL = np.uint64(0)
+#: Edges per warp in the atomic variant (a tuning knob; must be <= WARP_SIZE).
+RUN_EDGES_PER_WARP = EDGES_PER_WARP
 
 
 def check_available(device: torch.device) -> None:
@@ -46,6 +49,24 @@ def _function(plan: TPPlan, spec: KernelSpec, device_index: int):
     return fn
 
 
+_STREAMS: Dict[Tuple[int, int], object] = {}
+
+
+def _cupy_stream(ptr: int, index: int):
+    """A CuPy view of PyTorch's current stream (cached: wrapping costs host time on every launch)."""
+    st = _STREAMS.get((ptr, index))
+    if st is None:
+        import warnings
+
+        import cupy
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            st = cupy.cuda.ExternalStream(ptr, index)
+        _STREAMS[(ptr, index)] = st
+    return st
+
+
 def _ptr(t) -> np.uint64:
     return _NULL if t is None else np.uint64(t.data_ptr())
 
@@ -61,7 +82,7 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     index = device.index if device.index is not None else torch.cuda.current_device()
     fn = _function(plan, spec, index)
     blocks = -(-warps // WARPS_PER_BLOCK)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
+    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream, index)
     args = tuple(_ptr(t) for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW)) + (
         np.int64(num_edges), np.int64(num_items), np.int64(w_stride))
     with cupy.cuda.Device(index):
@@ -71,9 +92,37 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
 def csr(keys: torch.Tensor, num_rows: int):
     """(perm, seg_ptr): edges ordered by key (stable), and each row's segment [seg_ptr[r], seg_ptr[r+1])."""
     # searchsorted rather than bincount: no data-dependent output size, so no host sync (graph-capturable)
+    if num_rows < 2**31:
+        keys = keys.to(torch.int32)  # 32-bit keys: half the radix-sort passes
     sorted_keys, perm = torch.sort(keys, stable=True)
     rows = torch.arange(num_rows + 1, dtype=keys.dtype, device=keys.device)
     return perm, torch.searchsorted(sorted_keys, rows)
+
+
+_CSR_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CSR_CACHE_SIZE = 4
+
+
+def graph_csr(keys: torch.Tensor, num_rows: int):
+    """``csr(keys, num_rows)``, memoised for the index tensors a model reuses across layers and passes.
+
+    The key is the tensor's memory and version counter; the entry keeps a reference to ``keys``, so the memory
+    cannot be reused while cached, and any in-place change bumps the version. Not used while a CUDA graph is
+    being captured: a replay must recompute the order from the (possibly refilled) static index buffer.
+    """
+    if torch.cuda.is_current_stream_capturing():
+        return csr(keys, num_rows)
+    key = (keys.data_ptr(), keys.numel(), keys.stride(0) if keys.dim() else 1, keys._version, num_rows,
+           keys.dtype, keys.device)
+    hit = _CSR_CACHE.get(key)
+    if hit is not None:
+        _CSR_CACHE.move_to_end(key)
+        return hit[1], hit[2]
+    perm, seg = csr(keys, num_rows)
+    _CSR_CACHE[key] = (keys, perm, seg)
+    while len(_CSR_CACHE) > _CSR_CACHE_SIZE:
+        _CSR_CACHE.popitem(last=False)
+    return perm, seg
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -91,15 +140,11 @@ def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministi
     if receiver is None:  # plain tensor product: row e <- edge e
         out = torch.empty(num_edges, plan.out_dim, dtype=x.dtype, device=dev)
         _launch(plan, KernelSpec(KIND_FORWARD, dt, True), dev, num_edges, num_edges, w_stride, OUT=out, **common)
-    elif deterministic:
-        perm, seg = csr(receiver, num_rows)
+    else:  # one warp per (receiver segment, channel chunk): no atomics, and bitwise reproducible
+        perm, seg = graph_csr(receiver, num_rows)
         out = torch.empty(num_rows, plan.out_dim, dtype=x.dtype, device=dev)
         _launch(plan, KernelSpec(KIND_FORWARD, dt, True), dev, num_rows, num_edges, w_stride, OUT=out,
                 perm=perm, seg_ptr=seg, **common)
-    else:
-        out = torch.zeros(num_rows, plan.out_dim, dtype=x.dtype, device=dev)
-        items = -(-num_edges // EDGES_PER_WARP)
-        _launch(plan, KernelSpec(KIND_FORWARD, dt, False), dev, items, num_edges, w_stride, OUT=out, **common)
     return out
 
 
@@ -118,19 +163,21 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
         _launch(plan, spec, dev, num_edges, num_edges, w_stride, OUT=dx, **common)
     elif deterministic:
         if need_y or need_w:
-            perm, seg = csr(receiver, gout.shape[0])
+            perm, seg = graph_csr(receiver, gout.shape[0])
             spec = KernelSpec(KIND_BACKWARD, dt, True, DX_NONE, need_y, need_w)
             _launch(plan, spec, dev, gout.shape[0], num_edges, w_stride, perm=perm, seg_ptr=seg, **common)
         if need_x:
             dx = torch.empty_like(x)
-            perm, seg = csr(sender, x.shape[0])
+            perm, seg = graph_csr(sender, x.shape[0])
             _launch(plan, KernelSpec(KIND_GRAD_X, dt, True), dev, x.shape[0], num_edges, w_stride,
                     X=None, Y=y, W=w, G=gout, sender=sender, receiver=receiver, perm=perm, seg_ptr=seg, OUT=dx)
     else:
         dx = torch.zeros_like(x) if need_x else None
-        spec = KernelSpec(KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w)
-        items = -(-num_edges // EDGES_PER_WARP)
-        _launch(plan, spec, dev, items, num_edges, w_stride, OUT=dx, **common)
+        epw = RUN_EDGES_PER_WARP
+        spec = KernelSpec(KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w, epw)
+        items = -(-num_edges // epw)
+        perm, _ = graph_csr(receiver, gout.shape[0])  # receiver-sorted runs: few reloads of gout rows
+        _launch(plan, spec, dev, items, num_edges, w_stride, OUT=dx, perm=perm, **common)
     dy = None
     if need_y:
         dy = dy_part[0] if plan.num_chunks == 1 else dy_part.sum(0)

@@ -40,9 +40,10 @@ class KernelSpec:
     dx_mode: int = DX_NONE
     need_dy: bool = False
     need_dw: bool = False
+    edges_per_warp: int = EDGES_PER_WARP  # runs (atomic) variant only
 
     def tag(self) -> str:
-        return (f"k{self.kind}_{self.dtype[-2:]}_{'seg' if self.segmented else 'run'}"
+        return (f"k{self.kind}_{self.dtype[-2:]}_{'seg' if self.segmented else f'run{self.edges_per_warp}'}"
                 f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}")
 
 
@@ -87,7 +88,7 @@ def _y_loads(code: _Code, in2: Dict[int, tuple]):
 
 
 def _forward_body(plan: TPPlan, code: _Code, in1, in2):
-    code("const index_t s = sender ? sender[e] : e;")
+    code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
     _load_rows(code, "x", "x_row", in1)
@@ -113,7 +114,7 @@ def _t_terms(p, g_name):
 
 
 def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
-    code("const index_t s = sender ? sender[e] : e;")
+    code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
     _load_rows(code, "x", "x_row", in1)
@@ -174,7 +175,7 @@ def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
 
 
 def _grad_x_body(plan: TPPlan, code: _Code, in1, in2, out):
-    code("const index_t r = receiver ? receiver[e] : e;")
+    code("const index_t r = other;  // receiver")
     code("const scalar_t* __restrict__ g_row = G + r * DO;")
     _y_loads(code, in2)
     _load_rows(code, "g", "g_row", out)
@@ -224,7 +225,7 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
 
     if acc_blocks is not None:
         state = _acc_decl(acc_blocks)
-        begin = _acc_zero(acc_blocks)
+        load, zero = "", _acc_zero(acc_blocks)
         end_store = _acc_flush(acc_blocks, row_dim, atomic=False)
         end_atomic = _acc_flush(acc_blocks, row_dim, atomic=True)
     else:  # backward: the segment's state is the output gradient row, reloaded when the receiver changes
@@ -234,8 +235,8 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         for b, (off, d, mul) in sorted(out.items()):
             for m in range(d):
                 lines.append(f"        g{b}_{m} = (u < {mul}) ? g_row[{off} + u * {d} + {m}] : C(0);")
-        begin = "\n".join(lines)
-        end_store = end_atomic = "        ;"
+        load, zero = "\n".join(lines), ""
+        end_store = end_atomic = ""
 
     src = template_text("tp_conv.cu")
     prefix = f"mace_accel_tp_{plan.key[:12]}_{spec.tag()}"
@@ -244,7 +245,7 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "SCALAR": _SCALAR[spec.dtype],
         "WARP_SIZE": str(WARP_SIZE),
         "NCHUNK": str(plan.num_chunks),
-        "EDGES_PER_WARP": str(EDGES_PER_WARP),
+        "EDGES_PER_WARP": str(spec.edges_per_warp),
         "SEGMENTED": str(int(spec.segmented)),
         "KIND": str(spec.kind),
         "DX_MODE": str(spec.dx_mode),
@@ -256,7 +257,8 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "WN": str(plan.weight_numel),
         "THREADS": str(THREADS_PER_BLOCK),
         "SEGMENT_STATE": state,
-        "SEGMENT_BEGIN": begin,
+        "SEGMENT_LOAD": load,
+        "SEGMENT_ZERO": zero,
         "SEGMENT_END_STORE": end_store,
         "SEGMENT_END_ATOMIC": end_atomic,
         "EDGE_BODY": body.text(),
