@@ -13,6 +13,11 @@
 //   0 forward : acc(out row = receiver) += w * CG(x[sender], y)
 //   1 backward: per edge: dw = CG(x, y, g), dy += w * CG(x, ., g), dx = w * CG(., y, g); g = gout[receiver]
 //   2 grad-x  : acc(dx row = sender) += w * CG(., y, gout[receiver])   (deterministic dx)
+//   3 double backward, fused: given the incoming (ggx, ggy, ggw) = (X2, Y2, W2) of a backward pass,
+//     acc(gg row = receiver) += w CG(ggx, y) + w CG(x, ggy) + ggw CG(x, y)   -> OUT2
+//     gx[sender] += w CG(., ggy, g) + ggw CG(., y, g)                          -> OUT (atomic)
+//     gy[e]       = sum_u w CG(ggx, ., g) + ggw CG(x, ., g)                    -> DY (per chunk)
+//     gw[e]       = CG(ggx, y, g) + CG(x, ggy, g)                               -> DW
 
 typedef $$SCALAR$$ scalar_t;
 typedef long long index_t;
@@ -43,7 +48,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) $$NAME$$(
     const index_t* __restrict__ seg_ptr, // [items + 1] CSR offsets (SEGMENTED) or null (one edge per item)
     scalar_t* __restrict__ OUT,          // KIND 0: out [rows, DO]; KIND 1: dx [rows_x, D1]; KIND 2: dx
     scalar_t* __restrict__ DY,           // KIND 1: [NCHUNK, E, D2] per-chunk partial sums
-    scalar_t* __restrict__ DW,           // KIND 1: [E, WN]
+    scalar_t* __restrict__ DW,           // KIND 1, 3: [E, WN]
+    const scalar_t* __restrict__ X2,     // KIND 3: ggx [rows_x, D1]
+    const scalar_t* __restrict__ Y2,     // KIND 3: ggy [E, D2]
+    const scalar_t* __restrict__ W2,     // KIND 3: ggw, same layout as W
+    scalar_t* __restrict__ OUT2,         // KIND 3: gradient w.r.t. gout [rows_out, DO]
     const index_t num_edges, const index_t num_items, const index_t w_stride)
 {
     const int lane = threadIdx.x & (WARP_SIZE - 1);
@@ -101,6 +110,10 @@ $$SEGMENT_LOAD$$
 #endif
             const scalar_t* __restrict__ y_row = Y + e * D2;
             const scalar_t* __restrict__ w_row = W + e * w_stride;
+#if KIND == 3
+            const scalar_t* __restrict__ y2_row = Y2 + e * D2;
+            const scalar_t* __restrict__ w2_row = W2 + e * w_stride;
+#endif
 $$EDGE_BODY$$
 #if !SEGMENTED
             if (last_of_run) {

@@ -15,7 +15,7 @@ from typing import Dict, List
 from ...plan import TPPlan
 from ...plan.schedule import EDGES_PER_WARP, WARP_SIZE, WARPS_PER_BLOCK
 
-KIND_FORWARD, KIND_BACKWARD, KIND_GRAD_X = 0, 1, 2
+KIND_FORWARD, KIND_BACKWARD, KIND_GRAD_X, KIND_DOUBLE = 0, 1, 2, 3
 DX_NONE, DX_ATOMIC, DX_STORE = 0, 1, 2
 THREADS_PER_BLOCK = WARP_SIZE * WARPS_PER_BLOCK
 _SCALAR = {"float32": "float", "float64": "double"}
@@ -149,17 +149,7 @@ def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
                 code(f"  dy{p.in2_offset + j} += w * ({expr});")
         code("}")
     if spec.need_dy:
-        code("// reduce dy over the warp's channels; lane 0 writes this chunk's partial sum")
-        for b, (off, d) in sorted(in2.items()):
-            for j in range(d):
-                v = f"dy{off + j}"
-                code(f"for (int o = WARP_SIZE / 2; o > 0; o >>= 1) {v} += __shfl_xor_sync(0xffffffffu, {v}, o);")
-        code("if (lane == 0) {")
-        code("  scalar_t* __restrict__ dy_row = DY + ((index_t)chunk * num_edges + e) * D2;")
-        for b, (off, d) in sorted(in2.items()):
-            for j in range(d):
-                code(f"  dy_row[{off + j}] = dy{off + j};")
-        code("}")
+        _emit_dy_reduce(code, in2)
     if want_dx:
         base = "OUT + s * D1" if spec.dx_mode == DX_ATOMIC else "OUT + e * D1"
         code(f"scalar_t* __restrict__ dx_row = {base};")
@@ -185,6 +175,75 @@ def _grad_x_body(plan: TPPlan, code: _Code, in1, in2, out):
         for i, expr in _t_terms(p, "g").items():
             code(f"  a{p.in1_block}_{i} += w * ({expr});")
         code("}")
+
+
+def _double_body(plan: TPPlan, code: _Code, in1, in2):
+    """Fused double backward (KIND 3); see the kernel template's header for the four outputs."""
+    code("const index_t s = other;  // sender")
+    code("const scalar_t* __restrict__ x_row = X + s * D1;")
+    code("const scalar_t* __restrict__ xa_row = X2 + s * D1;")
+    _y_loads(code, in2)
+    for b, (off, d) in sorted(in2.items()):
+        for j in range(d):
+            code(f"const scalar_t yb{off + j} = y2_row[{off + j}];")
+    _load_rows(code, "x", "x_row", in1)
+    _load_rows(code, "xa", "xa_row", in1)
+    for b, (off, d) in sorted(in2.items()):
+        for j in range(d):
+            code(f"scalar_t dy{off + j} = C(0);")
+    for b, (off, d, mul) in sorted(in1.items()):
+        for i in range(d):
+            code(f"scalar_t dx{b}_{i} = C(0);")
+    for p in plan.paths:
+        b1, o2 = p.in1_block, p.in2_offset
+        code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
+        code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
+        code(f"  const scalar_t v = (u < {p.mul}) ? w2_row[{p.weight_offset} + u] : C(0);")
+        by_k: Dict[int, list] = {}
+        by_i: Dict[int, list] = {}
+        by_j: Dict[int, list] = {}
+        for i, j, k, c in p.nonzeros:
+            by_k.setdefault(k, []).append((i, j, c))
+            by_i.setdefault(i, []).append((j, k, c))
+            by_j.setdefault(j, []).append((i, k, c))
+        for k, terms in sorted(by_k.items()):
+            lin = " + ".join(f"{_lit(c)} * (xa{b1}_{i} * y{o2 + j} + x{b1}_{i} * yb{o2 + j})" for i, j, c in terms)
+            bil = " + ".join(f"{_lit(c)} * x{b1}_{i} * y{o2 + j}" for i, j, c in terms)
+            code(f"  a{p.out_block}_{k} += w * ({lin}) + v * ({bil});")
+        for i, terms in sorted(by_i.items()):
+            code(f"  const scalar_t t{i} = " + " + ".join(
+                f"{_lit(c)} * y{o2 + j} * g{p.out_block}_{k}" for j, k, c in terms) + ";")
+            code(f"  const scalar_t q{i} = " + " + ".join(
+                f"{_lit(c)} * yb{o2 + j} * g{p.out_block}_{k}" for j, k, c in terms) + ";")
+            code(f"  dx{b1}_{i} += w * q{i} + v * t{i};")
+        dw = " + ".join(f"xa{b1}_{i} * t{i} + x{b1}_{i} * q{i}" for i in sorted(by_i))
+        code(f"  if (u < {p.mul}) DW[e * WN + {p.weight_offset} + u] = {dw};")
+        for j, terms in sorted(by_j.items()):
+            expr = " + ".join(f"{_lit(c)} * g{p.out_block}_{k} * (w * xa{b1}_{i} + v * x{b1}_{i})"
+                              for i, k, c in terms)
+            code(f"  dy{o2 + j} += {expr};")
+        code("}")
+    _emit_dy_reduce(code, in2)
+    code("scalar_t* __restrict__ dx_row = OUT + s * D1;")
+    for b, (off, d, mul) in sorted(in1.items()):
+        code(f"if (u < {mul}) {{")
+        for i in range(d):
+            code(f"  atomicAdd(&dx_row[{off} + u * {d} + {i}], dx{b}_{i});")
+        code("}")
+
+
+def _emit_dy_reduce(code: _Code, in2):
+    code("// reduce dy over the warp's channels; lane 0 writes this chunk's partial sum")
+    for b, (off, d) in sorted(in2.items()):
+        for j in range(d):
+            v = f"dy{off + j}"
+            code(f"for (int o = WARP_SIZE / 2; o > 0; o >>= 1) {v} += __shfl_xor_sync(0xffffffffu, {v}, o);")
+    code("if (lane == 0) {")
+    code("  scalar_t* __restrict__ dy_row = DY + ((index_t)chunk * num_edges + e) * D2;")
+    for b, (off, d) in sorted(in2.items()):
+        for j in range(d):
+            code(f"  dy_row[{off + j}] = dy{off + j};")
+    code("}")
 
 
 def _acc_decl(blocks) -> str:
@@ -220,22 +279,31 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     elif spec.kind == KIND_GRAD_X:
         _grad_x_body(plan, body, in1, in2, out)
         acc_blocks, row_dim = in1, "D1"
+    elif spec.kind == KIND_DOUBLE:
+        if spec.segmented:
+            raise ValueError("the fused double backward runs over receiver-sorted runs (segmented=False)")
+        _double_body(plan, body, in1, in2)
+        acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")
 
-    if acc_blocks is not None:
+    g_names = [f"g{b}_{m}" for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
+    g_lines = ["        const scalar_t* __restrict__ g_row = G + row * DO;"] + [
+        f"        g{b}_{m} = (u < {mul}) ? g_row[{off} + u * {d} + {m}] : C(0);"
+        for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
+    if spec.kind == KIND_DOUBLE:
+        state = _acc_decl(acc_blocks) + "\n    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
+        load, zero = "\n".join(g_lines), _acc_zero(acc_blocks)
+        end_store = ""
+        end_atomic = _acc_flush(acc_blocks, row_dim, atomic=True).replace("OUT + row", "OUT2 + row")
+    elif acc_blocks is not None:
         state = _acc_decl(acc_blocks)
         load, zero = "", _acc_zero(acc_blocks)
         end_store = _acc_flush(acc_blocks, row_dim, atomic=False)
         end_atomic = _acc_flush(acc_blocks, row_dim, atomic=True)
     else:  # backward: the segment's state is the output gradient row, reloaded when the receiver changes
-        names = [f"g{b}_{m}" for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
-        state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in names) + ";"
-        lines = ["        const scalar_t* __restrict__ g_row = G + row * DO;"]
-        for b, (off, d, mul) in sorted(out.items()):
-            for m in range(d):
-                lines.append(f"        g{b}_{m} = (u < {mul}) ? g_row[{off} + u * {d} + {m}] : C(0);")
-        load, zero = "\n".join(lines), ""
+        state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
+        load, zero = "\n".join(g_lines), ""
         end_store = end_atomic = ""
 
     src = template_text("tp_conv.cu")
