@@ -67,6 +67,20 @@ class TPPlan:
     num_chunks: int  # ceil(max_mul / WARP_SIZE)
 
     @property
+    def unused_in1(self) -> bool:
+        """Some block of irreps_in1 feeds no path (its gradient is zero, and no kernel writes it)."""
+        return {p.in1_block for p in self.paths} != set(range(len(self.problem.irreps_in1)))
+
+    @property
+    def unused_in2(self) -> bool:
+        return {p.in2_block for p in self.paths} != set(range(len(self.problem.irreps_in2)))
+
+    @property
+    def unused_out(self) -> bool:
+        """Some block of irreps_out receives no path (it is zero, and no kernel writes it)."""
+        return {p.out_block for p in self.paths} != set(range(len(self.problem.irreps_out)))
+
+    @property
     def nnz(self) -> int:
         return sum(len(p.nonzeros) for p in self.paths)
 

@@ -125,6 +125,12 @@ def graph_csr(keys: torch.Tensor, num_rows: int):
     return perm, seg
 
 
+def _alloc(shape, like: torch.Tensor, partly_written: bool) -> torch.Tensor:
+    """Output buffer: uninitialised when the kernel writes every element, zeroed when some block is never
+    written (an irreps block that no path touches)."""
+    return (torch.zeros if partly_written else torch.empty)(shape, dtype=like.dtype, device=like.device)
+
+
 def _dtype(t: torch.Tensor) -> str:
     try:
         return _DTYPES[t.dtype]
@@ -138,11 +144,11 @@ def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministi
     w_stride = plan.weight_numel if w.dim() == 2 else 0
     common = dict(X=x, Y=y, W=w, sender=sender, receiver=receiver)
     if receiver is None:  # plain tensor product: row e <- edge e
-        out = torch.empty(num_edges, plan.out_dim, dtype=x.dtype, device=dev)
+        out = _alloc((num_edges, plan.out_dim), x, plan.unused_out)
         _launch(plan, KernelSpec(KIND_FORWARD, dt, True), dev, num_edges, num_edges, w_stride, OUT=out, **common)
     else:  # one warp per (receiver segment, channel chunk): no atomics, and bitwise reproducible
         perm, seg = graph_csr(receiver, num_rows)
-        out = torch.empty(num_rows, plan.out_dim, dtype=x.dtype, device=dev)
+        out = _alloc((num_rows, plan.out_dim), x, plan.unused_out)
         _launch(plan, KernelSpec(KIND_FORWARD, dt, True), dev, num_rows, num_edges, w_stride, OUT=out,
                 perm=perm, seg_ptr=seg, **common)
     return out
@@ -153,12 +159,12 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
     dt, dev = _dtype(x), x.device
     num_edges = y.shape[0]
     w_stride = plan.weight_numel if w.dim() == 2 else 0
-    dy_part = torch.empty(plan.num_chunks, num_edges, plan.in2_dim, dtype=x.dtype, device=dev) if need_y else None
+    dy_part = _alloc((plan.num_chunks, num_edges, plan.in2_dim), x, plan.unused_in2) if need_y else None
     dw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev) if need_w else None
     common = dict(X=x, Y=y, W=w, G=gout, sender=sender, receiver=receiver, DY=dy_part, DW=dw_edge)
     dx = None
     if receiver is None:  # plain tensor product
-        dx = torch.empty_like(x) if need_x else None
+        dx = _alloc(x.shape, x, plan.unused_in1) if need_x else None
         spec = KernelSpec(KIND_BACKWARD, dt, True, DX_STORE if need_x else DX_NONE, need_y, need_w)
         _launch(plan, spec, dev, num_edges, num_edges, w_stride, OUT=dx, **common)
     elif deterministic:
@@ -167,7 +173,7 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
             spec = KernelSpec(KIND_BACKWARD, dt, True, DX_NONE, need_y, need_w)
             _launch(plan, spec, dev, gout.shape[0], num_edges, w_stride, perm=perm, seg_ptr=seg, **common)
         if need_x:
-            dx = torch.empty_like(x)
+            dx = _alloc(x.shape, x, plan.unused_in1)
             perm, seg = graph_csr(sender, x.shape[0])
             _launch(plan, KernelSpec(KIND_GRAD_X, dt, True), dev, x.shape[0], num_edges, w_stride,
                     X=None, Y=y, W=w, G=gout, sender=sender, receiver=receiver, perm=perm, seg_ptr=seg, OUT=dx)
@@ -195,7 +201,7 @@ def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver
     w_stride = plan.weight_numel if w.dim() == 2 else 0
     gx = torch.zeros_like(x)
     gg = torch.zeros_like(gout)
-    gy_part = torch.empty(plan.num_chunks, num_edges, plan.in2_dim, dtype=x.dtype, device=dev)
+    gy_part = _alloc((plan.num_chunks, num_edges, plan.in2_dim), x, plan.unused_in2)
     gw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev)
     perm, _ = graph_csr(receiver, gout.shape[0])
     epw = RUN_EDGES_PER_WARP
