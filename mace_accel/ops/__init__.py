@@ -119,11 +119,15 @@ def _bwd_backward(ctx, ggx, ggy, ggw):
     ggw = ggw if (need_w and ggw is not None and ggw.numel()) else None
     rx, ry, rw, rg = ctx.needs_input_grad[:4]
     num_rows = gout.shape[0]
-    if (x.is_cuda and not det and receiver is not None and not torch.is_grad_enabled()
-            and ggx is not None and ggy is not None and ggw is not None):
-        # Not differentiated further (no create_graph): one fused kernel instead of 3 forward + 3 backward.
+    # Not differentiated further (no create_graph): one fused kernel instead of 3 forward + 3 backward,
+    # where its per-lane state fits in registers.
+    fused = (x.is_cuda and not det and receiver is not None and not torch.is_grad_enabled()
+             and ggx is not None and ggy is not None and ggw is not None)
+    if fused:
         from ..backends import cuda
 
+        fused = cuda.fused_double_fits(get_plan(key), x.dtype)
+    if fused:
         gx, gy, gw, gg = cuda.double_backward(get_plan(key), x, y, w, gout, ggx.contiguous(), ggy.contiguous(),
                                               ggw.contiguous(), sender, receiver)
         return ((gx if rx else None), (gy if ry else None), (gw if rw else None), (gg if rg else None)) \
