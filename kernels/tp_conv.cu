@@ -95,6 +95,7 @@ $$SEGMENT_LOAD$$
 #endif
         }
         const int batch = (p1 - base < WARP_SIZE) ? (int)(p1 - base) : WARP_SIZE;
+#pragma unroll $$EDGE_UNROLL$$
         for (int q = 0; q < batch; ++q) {
             const index_t e = __shfl_sync(0xffffffffu, my_e, q);
             const index_t key = __shfl_sync(0xffffffffu, my_key, q);

@@ -23,6 +23,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.data import chemical_symbols  # noqa: E402
 from ase.stress import full_3x3_to_voigt_6_stress  # noqa: E402
 
+from .gather import FastRowGather  # noqa: E402
 from .neighbours import check_cell, neighbour_list  # noqa: E402
 
 __all__ = ["MACEAccelCalculator", "build_batch", "load_model"]
@@ -249,7 +250,9 @@ class MACEAccelCalculator(Calculator):
         batch = self.build_batch(atoms)
         n = len(atoms)
         has_volume = _cell_volume(atoms.cell.array) > 1e-12
-        with self._determinism(), torch.enable_grad():
+        gather = FastRowGather() if (self.device.type == "cuda" and not self.deterministic) \
+            else contextlib.nullcontext()
+        with self._determinism(), torch.enable_grad(), gather:
             out = self.model(batch, compute_force=True, compute_stress=has_volume, training=False)
         parts = [out["energy"].detach().reshape(1), out["node_energy"].detach().reshape(n),
                  out["forces"].detach().reshape(3 * n)]
