@@ -114,3 +114,12 @@ def test_torch_library_opcheck_and_compile():
     f = torch.compile(lambda a, b, c: conv(a, b, c, s, r).square().sum(), backend="aot_eager", fullgraph=True)
     val = f(x, y, w)
     assert torch.allclose(val, conv(x, y, w, s, r).square().sum())
+
+
+def test_index_check_is_redone_after_in_place_change(conv):
+    x, y, w, s, r = _ok(conv)
+    conv(x, y, w, s, r)  # valid: checked once and remembered
+    conv(x, y, w, s, r)
+    s[0] = 99  # in place: bumps the version counter, so the memo no longer applies
+    with pytest.raises(ValueError, match="outside"):
+        conv(x, y, w, s, r)

@@ -6,6 +6,7 @@ unchanged. Modules hold no parameters; weights are inputs.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -15,6 +16,22 @@ from ..plan import register_plan
 from ..problem import TPProblem
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+# Index tensors already range-checked, keyed by memory and version counter (a model reuses one edge_index in
+# every layer and pass; the check reads min/max on the host, so it is done once per graph, not per call).
+_CHECKED_INDICES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_CHECKED_MAX = 8
+
+
+def _check_index_range(name: str, idx: torch.Tensor, bound: int) -> None:
+    key = (idx.data_ptr(), idx.numel(), idx.stride(0), idx._version, idx.dtype, idx.device, bound)
+    if key in _CHECKED_INDICES:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= bound:
+        raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
+    _CHECKED_INDICES[key] = idx  # the reference keeps the memory from being reused while cached
+    while len(_CHECKED_INDICES) > _CHECKED_MAX:
+        _CHECKED_INDICES.popitem(last=False)
 
 
 def _check_operand(name: str, t, rows: Optional[int], cols: int, ref: torch.Tensor):
@@ -114,9 +131,7 @@ class TensorProductConv(_TPBase):
                     raise ValueError(f"{name} has shape {tuple(idx.shape)}, expected ({num_edges},) "
                                      "(one entry per row of y)")
                 if num_edges and not torch.compiler.is_compiling():
-                    lo, hi = int(idx.min()), int(idx.max())
-                    if lo < 0 or hi >= bound:
-                        raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
+                    _check_index_range(name, idx, bound)
             if num_nodes < 0:
                 raise ValueError(f"num_nodes must be >= 0, got {num_nodes}")
         return tp_fwd(x.contiguous(), y.contiguous(), w.contiguous(), sender.long().contiguous(),
