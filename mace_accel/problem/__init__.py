@@ -6,6 +6,6 @@ backend and the planner read it; it checks up front that the problem lies inside
 and raises ``NotImplementedError`` naming what does not.
 """
 from .irreps import Irrep, Irreps, MulIrrep
-from .tp import Instruction, TPProblem
+from .tp import Instruction, TPProblem, e3nn_path_norms
 
-__all__ = ["Irrep", "Irreps", "MulIrrep", "Instruction", "TPProblem"]
+__all__ = ["Irrep", "Irreps", "MulIrrep", "Instruction", "TPProblem", "e3nn_path_norms"]

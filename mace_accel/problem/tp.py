@@ -41,6 +41,47 @@ class Instruction:
     weight_numel: int
 
 
+def _num_elements(mode: str, mul1: int, mul2: int) -> int:
+    """e3nn 0.4.4's count of summed elements per path (the modes mace_accel meets)."""
+    try:
+        return {"uvu": mul2, "uvw": mul1 * mul2}[mode]
+    except KeyError:
+        raise NotImplementedError(f"normalisation of connection mode {mode!r}") from None
+
+
+def e3nn_path_norms(irreps_in1, irreps_in2, irreps_out, instructions, irrep_normalization: str,
+                    path_normalization: str) -> Tuple[float, ...]:
+    """The coefficient e3nn 0.4.4 stores per instruction (sqrt(alpha), unit input/output variances), computed
+    with the same sequence of floating-point operations, so it matches e3nn bit for bit.
+
+    ``instructions``: (i_in1, i_in2, i_out, mode, path_weight) tuples. The single source of this formula:
+    :class:`TPProblem` and the model surgery (which identifies a module's normalisation) both use it.
+    """
+    in1, in2, out = Irreps(irreps_in1), Irreps(irreps_in2), Irreps(irreps_out)
+    norms = []
+    for (i1, i2, io, mode, pw) in instructions:
+        if irrep_normalization == "component":
+            alpha = out[io].ir.dim
+        elif irrep_normalization == "norm":
+            alpha = in1[i1].ir.dim * in2[i2].ir.dim
+        else:
+            alpha = 1
+        same_out = [r for r in instructions if r[2] == io]
+        if path_normalization == "element":
+            x = sum(1.0 * 1.0 * _num_elements(r[3], in1[r[0]].mul, in2[r[1]].mul) for r in same_out)
+        elif path_normalization == "path":
+            x = 1.0 * 1.0 * _num_elements(mode, in1[i1].mul, in2[i2].mul)
+            x *= len(same_out)
+        else:
+            x = 1
+        if x > 0.0:
+            alpha /= x
+        alpha *= 1.0  # out_var
+        alpha *= pw
+        norms.append(math.sqrt(alpha))
+    return tuple(norms)
+
+
 def _parse_instruction(ins) -> Tuple[int, int, int, str, bool, float]:
     if hasattr(ins, "connection_mode"):  # an e3nn Instruction namedtuple
         return (int(ins.i_in1), int(ins.i_in2), int(ins.i_out), str(ins.connection_mode),
@@ -116,30 +157,13 @@ class TPProblem:
             if c.mul != a.mul * b.mul:
                 raise ValueError(f"instruction {k}: uvu needs out multiplicity {a.mul * b.mul}, got {c.mul}")
 
-        def num_elements(i1, i2):  # e3nn's count for uvu
-            return in2[i2].mul
-
+        norms = e3nn_path_norms(in1, in2, out, [(r[0], r[1], r[2], r[3], r[5]) for r in raw],
+                                irrep_normalization, path_normalization)
         built = []
         offset = 0
-        for (i1, i2, io, mode, hw, pw) in raw:
-            if irrep_normalization == "component":
-                alpha = out[io].ir.dim
-            elif irrep_normalization == "norm":
-                alpha = in1[i1].ir.dim * in2[i2].ir.dim
-            else:
-                alpha = 1.0
-            same_out = [r for r in raw if r[2] == io]
-            if path_normalization == "element":
-                x = sum(num_elements(r[0], r[1]) for r in same_out)
-            elif path_normalization == "path":
-                x = num_elements(i1, i2) * len(same_out)
-            else:
-                x = 1
-            if x > 0:
-                alpha /= x
-            alpha *= pw
+        for (i1, i2, io, mode, hw, pw), norm in zip(raw, norms):
             numel = in1[i1].mul * in2[i2].mul
-            built.append(Instruction(i1, i2, io, mode, hw, pw, math.sqrt(alpha), offset, numel))
+            built.append(Instruction(i1, i2, io, mode, hw, pw, norm, offset, numel))
             offset += numel
         return cls(in1, in2, out, tuple(built), irrep_normalization, path_normalization,
                    bool(shared_weights), offset)

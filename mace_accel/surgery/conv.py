@@ -12,12 +12,12 @@ stored coefficients bit for bit and refuses the module otherwise.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..modules import TensorProductConv
+from ..problem import e3nn_path_norms
 from .errors import UnsupportedModuleError
 
 _NORMALIZATION_CANDIDATES: Tuple[Tuple[str, str], ...] = (
@@ -33,46 +33,13 @@ _NORMALIZATION_CANDIDATES: Tuple[Tuple[str, str], ...] = (
 )
 
 
-def _num_elements(mode: str, mul1: int, mul2: int) -> int:
-    # e3nn 0.4.4's count of summed elements per path, for the modes this module meets.
-    return {"uvu": mul2, "uvw": mul1 * mul2}[mode]
-
-
-def e3nn_path_coefficients(irreps_in1, irreps_in2, irreps_out, raw_instructions, irrep_normalization: str,
-                           path_normalization: str) -> List[float]:
-    """The coefficient e3nn 0.4.4 stores in ``Instruction.path_weight`` (sqrt(alpha)), computed with the same
-    sequence of floating-point operations (unit variances). ``raw_instructions``: (i1, i2, io, mode, pw)."""
-    out = []
-    for (i1, i2, io, mode, pw) in raw_instructions:
-        if irrep_normalization == "component":
-            alpha = irreps_out[io].ir.dim
-        elif irrep_normalization == "norm":
-            alpha = irreps_in1[i1].ir.dim * irreps_in2[i2].ir.dim
-        else:
-            alpha = 1
-        if path_normalization == "element":
-            x = sum(1.0 * 1.0 * _num_elements(m, irreps_in1[a].mul, irreps_in2[b].mul)
-                    for (a, b, o, m, _) in raw_instructions if o == io)
-        elif path_normalization == "path":
-            x = 1.0 * 1.0 * _num_elements(mode, irreps_in1[i1].mul, irreps_in2[i2].mul)
-            x *= len([r for r in raw_instructions if r[2] == io])
-        else:
-            x = 1
-        if x > 0.0:
-            alpha /= x
-        alpha *= 1.0
-        alpha *= pw
-        out.append(math.sqrt(alpha))
-    return out
-
-
 def find_normalization(irreps_in1, irreps_in2, irreps_out, instructions, mode: str) -> Tuple[str, str]:
     """The (irrep_normalization, path_normalization) with path_weight 1 that reproduce the e3nn module's
     stored coefficients exactly; raises UnsupportedModuleError if none does."""
     raw = [(i.i_in1, i.i_in2, i.i_out, mode, 1.0) for i in instructions]
     stored = [float(i.path_weight) for i in instructions]
     for irrep_norm, path_norm in _NORMALIZATION_CANDIDATES:
-        if e3nn_path_coefficients(irreps_in1, irreps_in2, irreps_out, raw, irrep_norm, path_norm) == stored:
+        if list(e3nn_path_norms(irreps_in1, irreps_in2, irreps_out, raw, irrep_norm, path_norm)) == stored:
             return irrep_norm, path_norm
     raise UnsupportedModuleError(
         "", "its path coefficients match no e3nn normalisation with unit path weights and unit variances "
