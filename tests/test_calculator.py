@@ -398,3 +398,21 @@ def test_gpu_large_system_runs():
     atoms = _alloy((8, 8, 8), seed=34, rattle=0.05)  # 2048 atoms
     got = _results(c, atoms)
     assert np.isfinite(got["forces"]).all() and got["forces"].shape == (2048, 3)
+
+
+def test_fast_row_gather_is_exact_and_uses_index_select():
+    from mace_accel.calculator.gather import FastRowGather
+
+    pos = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([0, 3, 3, 6, 1, 0])
+    with FastRowGather(device_types=("cpu",)):
+        a = pos[idx] - pos[idx.flip(0)]
+        masked = pos[pos[:, 0] > 0]  # boolean masks pass through untouched
+    b = pos.detach()[idx] - pos.detach()[idx.flip(0)]
+    assert torch.equal(a.detach(), b)
+    assert "IndexSelect" in a.grad_fn.next_functions[0][0].name()
+    assert torch.equal(masked.detach(), pos.detach()[pos.detach()[:, 0] > 0])
+    (g,) = torch.autograd.grad(a.square().sum(), pos)
+    pos2 = pos.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad((pos2[idx] - pos2[idx.flip(0)]).square().sum(), pos2)
+    assert torch.allclose(g, g2, rtol=1e-14, atol=1e-14)

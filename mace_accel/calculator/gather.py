@@ -14,12 +14,17 @@ from torch.overrides import TorchFunctionMode
 
 
 class FastRowGather(TorchFunctionMode):
+    def __init__(self, device_types=("cuda",)):
+        super().__init__()
+        self.device_types = tuple(device_types)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.__getitem__ and len(args) == 2 and not kwargs:
             src, index = args
             if (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.dim() == 1
-                    and isinstance(src, torch.Tensor) and src.dim() >= 1 and src.is_cuda and index.is_cuda):
+                    and isinstance(src, torch.Tensor) and src.dim() >= 1
+                    and src.device.type in self.device_types and index.device == src.device):
                 # edge and batch indices are never negative, where index_select and [] would differ
                 return torch.index_select(src, 0, index)
         return func(*args, **kwargs)
