@@ -22,7 +22,8 @@ _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _FUNCS: Dict[Tuple[str, KernelSpec, int], object] = {}
 _LOCK = threading.Lock()
 _NULL = np.uint64(0)
-#: Edges per warp in the atomic variant (a tuning knob; must be <= WARP_SIZE).
+#: Edges per warp in the receiver-sorted runs of the atomic backward and the fused double backward
+#: (<= WARP_SIZE).
 RUN_EDGES_PER_WARP = EDGES_PER_WARP
 
 

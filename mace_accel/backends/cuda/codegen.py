@@ -6,7 +6,6 @@ the reference executor builds its dense blocks from.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -386,7 +385,3 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     if "$$" in src:
         raise RuntimeError(f"unrendered placeholder in kernel template: {src[src.index('$$'):][:40]}")
     return {"name": prefix, "source": src}
-
-
-def source_hash(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()
