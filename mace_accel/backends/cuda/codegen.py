@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from ...plan import TPPlan
 from ...plan.schedule import EDGES_PER_WARP, WARP_SIZE, WARPS_PER_BLOCK
@@ -73,6 +73,17 @@ class _Code:
         return "\n".join(self.lines)
 
 
+def _group(p, axis: str) -> List[Tuple[int, list]]:
+    """The path's nonzeros grouped by one index ("i", "j" or "k"), in index order; each term holds the other
+    two indices (in i, j, k order) and the coefficient."""
+    pos = "ijk".index(axis)
+    groups: Dict[int, list] = {}
+    for nz in p.nonzeros:
+        rest = tuple(v for n, v in enumerate(nz[:3]) if n != pos)
+        groups.setdefault(nz[pos], []).append(rest + (nz[3],))
+    return sorted(groups.items())
+
+
 def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple]):
     """Per-lane loads of a row in e3nn layout: value (u, m) of block b at off_b + u * d + m."""
     for b, (off, d, mul) in sorted(blocks.items()):
@@ -94,10 +105,7 @@ def _forward_body(plan: TPPlan, code: _Code, in1, in2):
     for p in plan.paths:
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
-        by_k: Dict[int, list] = {}
-        for i, j, k, c in p.nonzeros:
-            by_k.setdefault(k, []).append((i, j, c))
-        for k, terms in sorted(by_k.items()):
+        for k, terms in _group(p, "k"):
             expr = " + ".join(f"{_lit(c)} * x{p.in1_block}_{i} * y{p.in2_offset + j}" for i, j, c in terms)
             code(f"  a{p.out_block}_{k} += w * ({expr});")
         code("}")
@@ -105,11 +113,8 @@ def _forward_body(plan: TPPlan, code: _Code, in1, in2):
 
 def _t_terms(p, g_name):
     """T_i = sum_jk c_ijk y_j g_k for each i of the path."""
-    by_i: Dict[int, list] = {}
-    for i, j, k, c in p.nonzeros:
-        by_i.setdefault(i, []).append((j, k, c))
     return {i: " + ".join(f"{_lit(c)} * y{p.in2_offset + j} * {g_name}{p.out_block}_{k}" for j, k, c in terms)
-            for i, terms in sorted(by_i.items())}
+            for i, terms in _group(p, "i")}
 
 
 def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
@@ -140,10 +145,7 @@ def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
                 dw = " + ".join(f"x{p.in1_block}_{i} * t{i}" for i in t)
                 code(f"  if (u < {p.mul}) DW[e * WN + {p.weight_offset} + u] = {dw};")
         if spec.need_dy:
-            by_j: Dict[int, list] = {}
-            for i, j, k, c in p.nonzeros:
-                by_j.setdefault(j, []).append((i, k, c))
-            for j, terms in sorted(by_j.items()):
+            for j, terms in _group(p, "j"):
                 expr = " + ".join(f"{_lit(c)} * x{p.in1_block}_{i} * g{p.out_block}_{k}" for i, k, c in terms)
                 code(f"  dy{p.in2_offset + j} += w * ({expr});")
         code("}")
@@ -198,26 +200,20 @@ def _double_body(plan: TPPlan, code: _Code, in1, in2):
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
         code(f"  const scalar_t v = (u < {p.mul}) ? w2_row[{p.weight_offset} + u] : C(0);")
-        by_k: Dict[int, list] = {}
-        by_i: Dict[int, list] = {}
-        by_j: Dict[int, list] = {}
-        for i, j, k, c in p.nonzeros:
-            by_k.setdefault(k, []).append((i, j, c))
-            by_i.setdefault(i, []).append((j, k, c))
-            by_j.setdefault(j, []).append((i, k, c))
-        for k, terms in sorted(by_k.items()):
+        by_i = _group(p, "i")
+        for k, terms in _group(p, "k"):
             lin = " + ".join(f"{_lit(c)} * (xa{b1}_{i} * y{o2 + j} + x{b1}_{i} * yb{o2 + j})" for i, j, c in terms)
             bil = " + ".join(f"{_lit(c)} * x{b1}_{i} * y{o2 + j}" for i, j, c in terms)
             code(f"  a{p.out_block}_{k} += w * ({lin}) + v * ({bil});")
-        for i, terms in sorted(by_i.items()):
+        for i, terms in by_i:
             code(f"  const scalar_t t{i} = " + " + ".join(
                 f"{_lit(c)} * y{o2 + j} * g{p.out_block}_{k}" for j, k, c in terms) + ";")
             code(f"  const scalar_t q{i} = " + " + ".join(
                 f"{_lit(c)} * yb{o2 + j} * g{p.out_block}_{k}" for j, k, c in terms) + ";")
             code(f"  dx{b1}_{i} += w * q{i} + v * t{i};")
-        dw = " + ".join(f"xa{b1}_{i} * t{i} + x{b1}_{i} * q{i}" for i in sorted(by_i))
+        dw = " + ".join(f"xa{b1}_{i} * t{i} + x{b1}_{i} * q{i}" for i, _ in by_i)
         code(f"  if (u < {p.mul}) DW[e * WN + {p.weight_offset} + u] = {dw};")
-        for j, terms in sorted(by_j.items()):
+        for j, terms in _group(p, "j"):
             expr = " + ".join(f"{_lit(c)} * g{p.out_block}_{k} * (w * xa{b1}_{i} + v * x{b1}_{i})"
                               for i, k, c in terms)
             code(f"  dy{o2 + j} += {expr};")
