@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call that re-checks and re-measures everything GPU-side (run from the project root on the GPU
+# machine, after `../shared/device/fetch-wheels.sh` here; carry .device):
+#     source .device/setup.sh && bash scripts/device_check.sh [tests|conv|ase|all]
+# Writes under $OUT (or benchmarks/results/ when OUT is unset): gpu_tests.log, bench_conv_h100.json/.png,
+# bench_ase_h100.json. About 3 + 4 + 1.5 minutes on an H100.
+set -uo pipefail
+what=${1:-all}
+out=${OUT:-benchmarks/results}
+export MACE_ACCEL_CACHE_DIR=${MACE_ACCEL_CACHE_DIR:-/tmp/mace_accel_cache}
+if [[ $what == tests || $what == all ]]; then
+  # mace imports OpenEquivariance when it is importable, which JIT-builds its extension (minutes): hide it here
+  [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
+  timeout -s INT 280 python -m pytest -v -p no:cacheprovider -m gpu tests/ --durations=15 > "$out/gpu_tests.log" 2>&1
+  grep -E "FAILED|ERROR|passed|failed" "$out/gpu_tests.log" | tail -8
+  [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
+fi
+if [[ $what == conv || $what == all ]]; then
+  timeout 330 python benchmarks/bench_conv.py --out "$out/bench_conv_h100.json" --time-budget 250 2>&1 | tail -22
+fi
+if [[ $what == ase || $what == all ]]; then
+  timeout 200 python benchmarks/bench_ase.py --out "$out/bench_ase_h100.json" 2>&1 | tail -8
+fi
