@@ -61,25 +61,24 @@ GRAD_NAMES = {"fwd": ("out",), "fwd_bwd": ("dx", "dy", "dw"), "double": ("ddx", 
 
 
 # ================================================================================================ layout
-def mul_ir_to_ir_mul(t: torch.Tensor, irreps) -> torch.Tensor:
-    """[rows, dim] from e3nn's mul_ir layout (u-major per block) to cuEquivariance's ir_mul (m-major)."""
+def _relayout(t: torch.Tensor, irreps, to_ir_mul: bool) -> torch.Tensor:
+    """[rows, dim] between e3nn's mul_ir layout (u-major per block) and cuEquivariance's ir_mul (m-major)."""
     parts, off = [], 0
     for mul, ir in irreps:
         d = ir.dim
         blk = t[:, off:off + mul * d]
-        parts.append(blk.reshape(-1, mul, d).transpose(1, 2).reshape(-1, mul * d))
+        shape = (-1, mul, d) if to_ir_mul else (-1, d, mul)
+        parts.append(blk.reshape(shape).transpose(1, 2).reshape(-1, mul * d))
         off += mul * d
     return torch.cat(parts, dim=1).contiguous()
+
+
+def mul_ir_to_ir_mul(t: torch.Tensor, irreps) -> torch.Tensor:
+    return _relayout(t, irreps, to_ir_mul=True)
 
 
 def ir_mul_to_mul_ir(t: torch.Tensor, irreps) -> torch.Tensor:
-    parts, off = [], 0
-    for mul, ir in irreps:
-        d = ir.dim
-        blk = t[:, off:off + mul * d]
-        parts.append(blk.reshape(-1, d, mul).transpose(1, 2).reshape(-1, mul * d))
-        off += mul * d
-    return torch.cat(parts, dim=1).contiguous()
+    return _relayout(t, irreps, to_ir_mul=False)
 
 
 # ================================================================================================ peers

@@ -24,14 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.lru_cache(maxsize=None)
 def _model():
     return build_random_mace("mp-medium", channels=8)

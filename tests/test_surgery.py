@@ -45,15 +45,6 @@ REL64 = 1e-10
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small problems on a 2-core machine: one intra-op thread is several times faster (no contention).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.lru_cache(maxsize=None)
 def _model(arch="mp-medium", channels=8, interaction="RealAgnosticResidualInteractionBlock", first=None):
     return build_random_mace(arch, channels=channels, interaction=interaction, interaction_first=first)

@@ -10,6 +10,7 @@ Work decomposition shared by all kernels (see docs/design.md):
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -66,19 +67,31 @@ class TPPlan:
     weight_numel: int
     num_chunks: int  # ceil(max_mul / WARP_SIZE)
 
-    @property
+    # Derived facts the launcher and the code generator both need: computed once per plan (the unused_*
+    # flags are read on every launch).
+    @functools.cached_property
     def unused_in1(self) -> bool:
         """Some block of irreps_in1 feeds no path (its gradient is zero, and no kernel writes it)."""
         return {p.in1_block for p in self.paths} != set(range(len(self.problem.irreps_in1)))
 
-    @property
+    @functools.cached_property
     def unused_in2(self) -> bool:
         return {p.in2_block for p in self.paths} != set(range(len(self.problem.irreps_in2)))
 
-    @property
+    @functools.cached_property
     def unused_out(self) -> bool:
         """Some block of irreps_out receives no path (it is zero, and no kernel writes it)."""
         return {p.out_block for p in self.paths} != set(range(len(self.problem.irreps_out)))
+
+    @functools.cached_property
+    def lane_in1_dim(self) -> int:
+        """Components of one channel over the in1 blocks the paths read (values a lane holds per operand)."""
+        return sum(p.d1 for p in {p.in1_block: p for p in self.paths}.values())
+
+    @functools.cached_property
+    def lane_out_dim(self) -> int:
+        """Components of one channel over the output blocks the paths write (a lane's accumulators)."""
+        return sum(p.do for p in {p.out_block: p for p in self.paths}.values())
 
     @property
     def nnz(self) -> int:

@@ -139,6 +139,14 @@ def _dtype(t: torch.Tensor) -> str:
         raise ValueError(f"mace_accel CUDA kernels support float32 and float64, not {t.dtype}") from None
 
 
+def _reduce_partials(plan: TPPlan, dy_part, dw_edge, w):
+    """Sum the kernels' per-chunk dy partials, and the per-edge dw when the weights are shared (fixed order:
+    deterministic). Either may be None (not asked for)."""
+    dy = None if dy_part is None else (dy_part[0] if plan.num_chunks == 1 else dy_part.sum(0))
+    dw = None if dw_edge is None else (dw_edge if w.dim() == 2 else dw_edge.sum(0))
+    return dy, dw
+
+
 def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministic: bool = False):
     dt, dev = _dtype(x), x.device
     num_edges = y.shape[0]
@@ -185,13 +193,7 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
         items = -(-num_edges // epw)
         perm, _ = graph_csr(receiver, gout.shape[0])  # receiver-sorted runs: few reloads of gout rows
         _launch(plan, spec, dev, items, num_edges, w_stride, OUT=dx, perm=perm, **common)
-    dy = None
-    if need_y:
-        dy = dy_part[0] if plan.num_chunks == 1 else dy_part.sum(0)
-    dw = None
-    if need_w:
-        dw = dw_edge if w.dim() == 2 else dw_edge.sum(0)
-    return dx, dy, dw
+    return (dx,) + _reduce_partials(plan, dy_part, dw_edge, w)
 
 
 #: Per-lane live values (in 32-bit registers) above which the fused double-backward kernel spills badly; the
@@ -201,9 +203,8 @@ FUSED_DOUBLE_MAX_LANE_WORDS = 256
 
 
 def fused_double_fits(plan: TPPlan, dtype: torch.dtype) -> bool:
-    d_out = sum(p.do for p in {p.out_block: p for p in plan.paths}.values())
-    d_in1 = sum(p.d1 for p in {p.in1_block: p for p in plan.paths}.values())
-    words = 2 * d_out + 3 * d_in1 + 3 * plan.in2_dim  # acc + gout, x + ggx + gx, y + ggy + gy
+    # acc + gout, x + ggx + gx, y + ggy + gy
+    words = 2 * plan.lane_out_dim + 3 * plan.lane_in1_dim + 3 * plan.in2_dim
     return words * (2 if dtype == torch.float64 else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
 
 
@@ -222,6 +223,5 @@ def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver
     spec = KernelSpec(KIND_DOUBLE, dt, False, DX_ATOMIC, True, True, epw)
     _launch(plan, spec, dev, -(-num_edges // epw), num_edges, w_stride, X=x, Y=y, W=w, G=gout, sender=sender,
             receiver=receiver, perm=perm, OUT=gx, DY=gy_part, DW=gw_edge, X2=ggx, Y2=ggy, W2=ggw, OUT2=gg)
-    gy = gy_part[0] if plan.num_chunks == 1 else gy_part.sum(0)
-    gw = gw_edge if w.dim() == 2 else gw_edge.sum(0)
+    gy, gw = _reduce_partials(plan, gy_part, gw_edge, w)
     return gx, gy, gw, gg

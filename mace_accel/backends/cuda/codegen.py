@@ -306,8 +306,7 @@ UNROLL_MAX_ACC_WORDS = 24
 def _edge_unroll(plan: TPPlan, spec: KernelSpec) -> int:
     if spec.kind != KIND_FORWARD:
         return 1
-    d_out = sum(p.do for p in {p.out_block: p for p in plan.paths}.values())
-    return 2 if d_out * (2 if spec.dtype == "float64" else 1) <= UNROLL_MAX_ACC_WORDS else 1
+    return 2 if plan.lane_out_dim * (2 if spec.dtype == "float64" else 1) <= UNROLL_MAX_ACC_WORDS else 1
 
 
 def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
