@@ -181,7 +181,10 @@ def test_report_lists_replaced_and_kept_modules():
     kept = {e.path: e for e in rep.kept}
     assert "interactions.0.linear_up" in kept and "o3.Linear" in kept["interactions.0.linear_up"].detail
     assert "products.0.linear" in kept and "interactions.1.conv_tp_weights" in kept
-    assert "products.0.symmetric_contractions" in kept
+    assert "products.0.symmetric_contractions" not in kept
+    assert "products.0.symmetric_contractions" in {e.path for e in rep.replaced}
+    _, rep = accelerate(m, report=True, symmetric_contraction=False)
+    assert "products.0.symmetric_contractions" in {e.path for e in rep.kept}
     text = str(rep)
     assert "o3.Linear" in text and "interactions.1.conv_tp" in text and "TensorProductConv" in text
     assert rep.dtype == "float64" and rep.device == "cpu"

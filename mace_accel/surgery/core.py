@@ -14,7 +14,7 @@ MARKER = "_mace_accel_version"
 
 _LINEAR_REASON = ("left as e3nn o3.Linear: a dense per-irrep matmul that already runs as one GEMM per irrep "
                   "block; nothing to fuse")
-_SYMCON_REASON = "left as mace's symmetric contraction (product basis): not handled by mace_accel"
+_SYMCON_REASON = "left as mace's symmetric contraction (product basis): accelerate(..., symmetric_contraction=False)"
 _RADIAL_REASON = "kept unchanged: its output feeds the fused conv in e3nn's weight layout"
 
 
@@ -170,17 +170,22 @@ def is_accelerated(model: torch.nn.Module) -> bool:
     """True if ``model`` came out of :func:`accelerate` (or holds accelerated blocks)."""
     from .blocks import AcceleratedBlockMixin
 
-    return hasattr(model, MARKER) or any(isinstance(m, AcceleratedBlockMixin) for m in model.modules())
+    from .symcon import AcceleratedSymmetricContraction
+
+    return hasattr(model, MARKER) or any(isinstance(m, (AcceleratedBlockMixin, AcceleratedSymmetricContraction))
+                                         for m in model.modules())
 
 
 def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool = True, report: bool = False,
-               deterministic: bool = False, skip_strategy: str = "auto"
+               deterministic: bool = False, skip_strategy: str = "auto", symmetric_contraction: bool = True
                ) -> Union[torch.nn.Module, Tuple[torch.nn.Module, AccelerationReport]]:
     """Return an accelerated deep copy of a mace-torch model (the input is never modified).
 
     Every supported interaction block becomes its accelerated subclass (see
     :mod:`mace_accel.surgery.blocks`): conv TP + scatter_sum fused into :class:`mace_accel.TensorProductConv`,
-    the one-hot ``skip_tp`` replaced by an exact per-element linear map. Weights are the same values under
+    the one-hot ``skip_tp`` replaced by an exact per-element linear map, and (``symmetric_contraction=True``)
+    every product-basis ``SymmetricContraction`` runs one generated kernel per pass
+    (:mod:`mace_accel.surgery.symcon`). Weights are the same values under
     the same parameter names. ``dtype`` ("float32"/"float64"/torch dtype) and ``device`` cast/move the copy.
     cuEquivariance / OpenEquivariance models are first converted back to e3nn with mace's own tooling.
 
@@ -229,6 +234,25 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
                                                 "fused conv)")
             rep.add(f"{name}.conv_tp_weights", type(block.conv_tp_weights).__name__, "kept", _RADIAL_REASON)
 
+    # The product basis: mace's SymmetricContraction -> one generated kernel (same parameters and buffers).
+    if symmetric_contraction:
+        from mace.modules.symmetric_contraction import SymmetricContraction
+
+        from .symcon import accelerate_symmetric_contraction
+
+        for name, mod in list(out.named_modules()):
+            if not isinstance(mod, SymmetricContraction) or any(name.startswith(p) for p in done_prefixes):
+                continue
+            try:
+                detail = accelerate_symmetric_contraction(mod)
+            except UnsupportedModuleError as e:
+                err = e.at(name)
+                if strict:
+                    raise err from None
+                rep.add(name, type(mod).__name__, "kept", f"unsupported, left as mace: {err}")
+                continue
+            rep.add(name, "SymmetricContraction", "replaced", detail)
+
     if dt is not None:
         out = out.to(dtype=dt)
     if dev is not None:
@@ -244,7 +268,8 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
             continue
         if isinstance(mod, o3.Linear):
             rep.add(name, "Linear", "kept", _LINEAR_REASON)
-        elif type(mod).__name__ in ("SymmetricContraction",) and type(mod).__module__.startswith("mace"):
+        elif type(mod).__name__ == "SymmetricContraction" and type(mod).__module__.startswith("mace") \
+                and not symmetric_contraction:
             rep.add(name, type(mod).__name__, "kept", _SYMCON_REASON)
     if not any(e.action == "replaced" for e in rep.entries) and not blocks:
         raise SurgeryError("found no MACE interaction blocks in the model (is it a mace-torch model?)")
@@ -257,11 +282,13 @@ def to_e3nn(model: torch.nn.Module) -> torch.nn.Module:
     """A plain mace-torch deep copy of an accelerated model: the original block classes and e3nn modules,
     the same weights (same names and values), same dtype and device. A plain model is returned copied."""
     from .blocks import restore_block
+    from .symcon import restore_symmetric_contraction
 
     _check_model(model)
     out = copy.deepcopy(model)
     for _, mod in list(out.named_modules()):
         restore_block(mod)
+        restore_symmetric_contraction(mod)
     if hasattr(out, MARKER):
         delattr(out, MARKER)
     return out

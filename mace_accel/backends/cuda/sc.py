@@ -1,0 +1,67 @@
+"""Launch the generated symmetric-contraction kernels on PyTorch's current CUDA stream.
+
+Same functions and layouts as :mod:`mace_accel.backends.reference.sc`. Every output element is written by
+one thread with a plain store, so outputs are allocated uninitialised and the result is deterministic.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ...plan.sc import SCPlan
+from . import _cupy_stream, _ptr
+from .sc_codegen import KIND_SC_BACKWARD, KIND_SC_FORWARD, SC_THREADS_PER_BLOCK, SCKernelSpec, render_sc
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_FUNCS: Dict[Tuple[str, SCKernelSpec, int], object] = {}
+_LOCK = threading.Lock()
+
+
+def _function(plan: SCPlan, spec: SCKernelSpec, device_index: int):
+    key = (plan.key, spec, device_index)
+    fn = _FUNCS.get(key)
+    if fn is None:
+        from .compiler import load_function
+
+        rendered = render_sc(plan, spec)
+        fn = load_function(rendered["source"], rendered["name"], device_index)
+        with _LOCK:
+            _FUNCS[key] = fn
+    return fn
+
+
+def _launch(plan: SCPlan, spec: SCKernelSpec, x: torch.Tensor, X, WN, G, OUT, DX, DW) -> None:
+    n = x.shape[0]
+    items = n * plan.num_channels
+    if items == 0:
+        return
+    import cupy
+
+    device = x.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _function(plan, spec, index)
+    blocks = -(-items // SC_THREADS_PER_BLOCK)
+    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream, index)
+    args = tuple(_ptr(t) for t in (X, WN, G, OUT, DX, DW)) + (np.int64(n),)
+    with cupy.cuda.Device(index):
+        fn((blocks,), (SC_THREADS_PER_BLOCK,), args, stream=stream)
+
+
+def forward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], plan.out_dim)
+    _launch(plan, SCKernelSpec(KIND_SC_FORWARD, _DTYPES[x.dtype]), x, x, wn, None, out, None, None)
+    return out
+
+
+def backward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor, gout: torch.Tensor, need_x: bool,
+             need_w: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    if not (need_x or need_w):
+        return None, None
+    dx = torch.empty_like(x) if need_x else None
+    dw = torch.empty_like(wn) if need_w else None
+    spec = SCKernelSpec(KIND_SC_BACKWARD, _DTYPES[x.dtype], need_dx=need_x, need_dw=need_w)
+    _launch(plan, spec, x, x, wn, gout, None, dx, dw)
+    return dx, dw

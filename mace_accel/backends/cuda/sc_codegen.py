@@ -1,0 +1,126 @@
+"""Render CUDA C++ for a symmetric-contraction plan (:class:`~mace_accel.plan.sc.SCPlan`).
+
+Torch-free and CuPy-free. One thread owns one (node, channel): its L features, its K weights and its
+outputs (or their gradients) live in registers; the plan's terms become straight-line code grouped by
+monomial. Template: ``kernels/sym_contract.cu``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from ...plan.sc import SCPlan
+from ...plan.schedule import WARP_SIZE
+from .codegen import template_text
+
+KIND_SC_FORWARD, KIND_SC_BACKWARD = 0, 1
+#: Threads per block: 4 warps, one (node, channel) each.
+SC_THREADS_PER_BLOCK = 4 * WARP_SIZE
+_SCALAR = {"float32": "float", "float64": "double"}
+
+
+@dataclass(frozen=True)
+class SCKernelSpec:
+    kind: int
+    dtype: str  # "float32" | "float64"
+    need_dx: bool = False
+    need_dw: bool = False
+
+    def tag(self) -> str:
+        return f"k{self.kind}_{self.dtype[-2:]}_dx{int(self.need_dx)}_dw{int(self.need_dw)}"
+
+
+def _lit(v: float) -> str:
+    return f"C({v!r})"
+
+
+def _product(factors: Tuple[int, ...]) -> str:
+    """x_a * x_b * .. in sorted order (left to right, so shared prefixes are common subexpressions)."""
+    return " * ".join(f"x{v}" for v in factors) if factors else "C(1.0)"
+
+
+def _weighted(terms: List[Tuple[int, float]]) -> str:
+    """sum_k u * w_k as an expression."""
+    return " + ".join(f"{_lit(u)} * w{k}" for k, u in terms)
+
+
+def _grouped(plan: SCPlan) -> Dict[int, Dict[int, List[Tuple[int, float]]]]:
+    """mono p -> output o -> [(k, u)], in plan order."""
+    by_p: Dict[int, Dict[int, List[Tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for o, p, k, u in zip(plan.term_o.tolist(), plan.term_p.tolist(), plan.term_k.tolist(), plan.term_u.tolist()):
+        by_p[p][o].append((k, u))
+    return by_p
+
+
+def _forward_body(plan: SCPlan) -> str:
+    lines = []
+    for p, outs in sorted(_grouped(plan).items()):
+        lines.append(f"    {{ const scalar_t m = {_product(plan.monos[p])};")
+        for o, kus in outs.items():
+            lines.append(f"      o{o} += ({_weighted(kus)}) * m;")
+        lines.append("    }")
+    return "\n".join(lines)
+
+
+def _backward_body(plan: SCPlan) -> str:
+    lines = []
+    for p, outs in sorted(_grouped(plan).items()):
+        mono = plan.monos[p]
+        lines.append("    {")
+        lines.append("#if NEED_DX")
+        cg = " + ".join(f"g{o} * ({_weighted(kus)})" for o, kus in outs.items())
+        lines.append(f"      const scalar_t cg = {cg};")
+        for v in sorted(set(mono)):
+            rest = list(mono)
+            rest.remove(v)
+            e = mono.count(v)
+            factor = _product(tuple(rest))
+            scale = "" if e == 1 else f"{_lit(float(e))} * "
+            lines.append(f"      dx{v} += {scale}cg * ({factor});")
+        lines.append("#endif")
+        lines.append("#if NEED_DW")
+        lines.append(f"      const scalar_t m = {_product(mono)};")
+        for o, kus in outs.items():
+            for k, u in kus:
+                lines.append(f"      dw{k} += ({_lit(u)} * g{o}) * m;")
+        lines.append("#endif")
+        lines.append("    }")
+    return "\n".join(lines)
+
+
+def render_sc(plan: SCPlan, spec: SCKernelSpec) -> Dict[str, str]:
+    name = f"mace_accel_sc_{plan.key}_{spec.tag()}"
+    L, K, O = plan.num_ell, plan.weight_numel, plan.num_outputs
+    cols = [plan.column(o) for o in range(O)]
+    used_w = sorted(set(plan.term_k.tolist()))
+    subs = {
+        "SCALAR": _SCALAR[spec.dtype],
+        "KIND": str(spec.kind),
+        "NEED_DX": str(int(spec.need_dx)),
+        "NEED_DW": str(int(spec.need_dw)),
+        "NUM_ELL": str(L),
+        "NUM_W": str(K),
+        "NUM_CH": str(plan.num_channels),
+        "OUT_DIM": str(plan.out_dim),
+        "THREADS": str(SC_THREADS_PER_BLOCK),
+        "NAME": name,
+        "LOAD_X": "\n".join(f"    const scalar_t x{i} = xp[{i}];" for i in range(L)),
+        "LOAD_W": "\n".join(f"    const scalar_t w{k} = wp[{k} * NUM_CH];" for k in used_w),
+        "DECL_OUT": "\n".join(f"    scalar_t o{o} = C(0.0);" for o in range(O)),
+        "FORWARD": _forward_body(plan),
+        "STORE_OUT": "\n".join(f"    op[{first} + ch * {stride}] = o{o};" for o, (first, stride) in enumerate(cols)),
+        "LOAD_G": "\n".join(f"    const scalar_t g{o} = gp[{first} + ch * {stride}];"
+                            for o, (first, stride) in enumerate(cols)),
+        "DECL_DX": "\n".join(f"    scalar_t dx{i} = C(0.0);" for i in range(L)),
+        "DECL_DW": "\n".join(f"    scalar_t dw{k} = C(0.0);" for k in range(K)),
+        "BACKWARD": _backward_body(plan),
+        "STORE_DX": "\n".join(f"    dxp[{i}] = dx{i};" for i in range(L)),
+        "STORE_DW": "\n".join(f"    dwp[{k} * NUM_CH] = dw{k};" for k in range(K)),
+    }
+    src = template_text("sym_contract.cu")
+    for key, val in subs.items():
+        src = src.replace(f"$${key}$$", val)
+    if "$$" in src:
+        raise RuntimeError("mace_accel: unreplaced placeholder in sym_contract.cu")
+    return {"name": name, "source": src}
