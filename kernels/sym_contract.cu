@@ -6,15 +6,14 @@
 // already contracted with the node attributes). The terms are unrolled straight-line code, one block per
 // monomial; the monomial's value is built from products the compiler shares between blocks.
 // KIND 0: forward -> OUT[node, col(o, channel)]
-// KIND 1: backward from G = d loss / d OUT: DX[node, channel, i] (NEED_DX) and DW[node, k, channel] (NEED_DW)
+// KIND 1: grad-x from G = d loss / d OUT: DX[node, channel, i]
+// KIND 2: grad-w from G: DW[node, k, channel], one weight at a time (one live accumulator)
 // Every output element is written by exactly one thread with a plain store: deterministic.
 
 typedef $$SCALAR$$ scalar_t;
 typedef long long index_t;
 
 #define KIND $$KIND$$
-#define NEED_DX $$NEED_DX$$
-#define NEED_DW $$NEED_DW$$
 #define NUM_ELL $$NUM_ELL$$
 #define NUM_W $$NUM_W$$
 #define NUM_CH $$NUM_CH$$
@@ -25,10 +24,10 @@ typedef long long index_t;
 extern "C" __global__ void __launch_bounds__(THREADS) $$NAME$$(
     const scalar_t* __restrict__ X,    // [N, NUM_CH, NUM_ELL]
     const scalar_t* __restrict__ WN,   // [N, NUM_W, NUM_CH]
-    const scalar_t* __restrict__ G,    // [N, OUT_DIM] (KIND 1)
+    const scalar_t* __restrict__ G,    // [N, OUT_DIM] (KIND 1, 2)
     scalar_t* __restrict__ OUT,        // [N, OUT_DIM] (KIND 0)
-    scalar_t* __restrict__ DX,         // [N, NUM_CH, NUM_ELL] (KIND 1, NEED_DX)
-    scalar_t* __restrict__ DW,         // [N, NUM_W, NUM_CH] (KIND 1, NEED_DW)
+    scalar_t* __restrict__ DX,         // [N, NUM_CH, NUM_ELL] (KIND 1)
+    scalar_t* __restrict__ DW,         // [N, NUM_W, NUM_CH] (KIND 2)
     const index_t num_nodes)
 {
     const index_t t = (index_t)blockIdx.x * THREADS + threadIdx.x;
@@ -47,20 +46,14 @@ $$STORE_OUT$$
 #else
     const scalar_t* __restrict__ gp = G + node * (index_t)OUT_DIM;
 $$LOAD_G$$
-#if NEED_DX
+#if KIND == 1
 $$DECL_DX$$
-#endif
-#if NEED_DW
-$$DECL_DW$$
-#endif
-$$BACKWARD$$
-#if NEED_DX
+$$GRAD_X$$
     scalar_t* __restrict__ dxp = DX + t * NUM_ELL;
 $$STORE_DX$$
-#endif
-#if NEED_DW
+#else
     scalar_t* __restrict__ dwp = DW + node * (index_t)(NUM_W * NUM_CH) + ch;
-$$STORE_DW$$
+$$GRAD_W$$
 #endif
 #endif
 }

@@ -13,7 +13,7 @@ import torch
 
 from ...plan.sc import SCPlan
 from . import _cupy_stream, _ptr
-from .sc_codegen import KIND_SC_BACKWARD, KIND_SC_FORWARD, SC_THREADS_PER_BLOCK, SCKernelSpec, render_sc
+from .sc_codegen import KIND_SC_FORWARD, KIND_SC_GRAD_W, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec, render_sc
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _FUNCS: Dict[Tuple[str, SCKernelSpec, int], object] = {}
@@ -58,10 +58,11 @@ def forward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:
 
 def backward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor, gout: torch.Tensor, need_x: bool,
              need_w: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    if not (need_x or need_w):
-        return None, None
-    dx = torch.empty_like(x) if need_x else None
-    dw = torch.empty_like(wn) if need_w else None
-    spec = SCKernelSpec(KIND_SC_BACKWARD, _DTYPES[x.dtype], need_dx=need_x, need_dw=need_w)
-    _launch(plan, spec, x, x, wn, gout, None, dx, dw)
+    dx = dw = None
+    if need_x:
+        dx = torch.empty_like(x)
+        _launch(plan, SCKernelSpec(KIND_SC_GRAD_X, _DTYPES[x.dtype]), x, x, wn, gout, None, dx, None)
+    if need_w:
+        dw = torch.empty_like(wn)
+        _launch(plan, SCKernelSpec(KIND_SC_GRAD_W, _DTYPES[x.dtype]), x, x, wn, gout, None, None, dw)
     return dx, dw

@@ -14,7 +14,7 @@ from ...plan.sc import SCPlan
 from ...plan.schedule import WARP_SIZE
 from .codegen import template_text
 
-KIND_SC_FORWARD, KIND_SC_BACKWARD = 0, 1
+KIND_SC_FORWARD, KIND_SC_GRAD_X, KIND_SC_GRAD_W = 0, 1, 2
 #: Threads per block: 4 warps, one (node, channel) each.
 SC_THREADS_PER_BLOCK = 4 * WARP_SIZE
 _SCALAR = {"float32": "float", "float64": "double"}
@@ -24,11 +24,9 @@ _SCALAR = {"float32": "float", "float64": "double"}
 class SCKernelSpec:
     kind: int
     dtype: str  # "float32" | "float64"
-    need_dx: bool = False
-    need_dw: bool = False
 
     def tag(self) -> str:
-        return f"k{self.kind}_{self.dtype[-2:]}_dx{int(self.need_dx)}_dw{int(self.need_dw)}"
+        return f"k{self.kind}_{self.dtype[-2:]}"
 
 
 def _lit(v: float) -> str:
@@ -63,29 +61,34 @@ def _forward_body(plan: SCPlan) -> str:
     return "\n".join(lines)
 
 
-def _backward_body(plan: SCPlan) -> str:
+def _grad_x_body(plan: SCPlan) -> str:
+    """dx[v] = sum_p (sum_o g_o sum_k u w_k) d monomial_p / d x_v, one block per monomial."""
     lines = []
     for p, outs in sorted(_grouped(plan).items()):
         mono = plan.monos[p]
-        lines.append("    {")
-        lines.append("#if NEED_DX")
         cg = " + ".join(f"g{o} * ({_weighted(kus)})" for o, kus in outs.items())
-        lines.append(f"      const scalar_t cg = {cg};")
+        lines.append(f"    {{ const scalar_t cg = {cg};")
         for v in sorted(set(mono)):
             rest = list(mono)
             rest.remove(v)
             e = mono.count(v)
-            factor = _product(tuple(rest))
             scale = "" if e == 1 else f"{_lit(float(e))} * "
-            lines.append(f"      dx{v} += {scale}cg * ({factor});")
-        lines.append("#endif")
-        lines.append("#if NEED_DW")
-        lines.append(f"      const scalar_t m = {_product(mono)};")
-        for o, kus in outs.items():
-            for k, u in kus:
-                lines.append(f"      dw{k} += ({_lit(u)} * g{o}) * m;")
-        lines.append("#endif")
+            lines.append(f"      dx{v} += {scale}cg * ({_product(tuple(rest))});")
         lines.append("    }")
+    return "\n".join(lines)
+
+
+def _grad_w_body(plan: SCPlan) -> str:
+    """dw[k] = sum over k's terms of u g_o monomial_p, one block per weight, stored at once: a single live
+    accumulator (holding all K at once spills for the large models)."""
+    by_k: Dict[int, List[Tuple[int, int, float]]] = defaultdict(list)
+    for o, p, k, u in zip(plan.term_o.tolist(), plan.term_p.tolist(), plan.term_k.tolist(), plan.term_u.tolist()):
+        by_k[k].append((o, p, u))
+    lines = []
+    for k in range(plan.weight_numel):
+        terms = by_k.get(k, [])
+        expr = " + ".join(f"({_lit(u)} * g{o}) * ({_product(plan.monos[p])})" for o, p, u in terms) or "C(0.0)"
+        lines.append(f"    dwp[{k} * NUM_CH] = {expr};")
     return "\n".join(lines)
 
 
@@ -97,8 +100,6 @@ def render_sc(plan: SCPlan, spec: SCKernelSpec) -> Dict[str, str]:
     subs = {
         "SCALAR": _SCALAR[spec.dtype],
         "KIND": str(spec.kind),
-        "NEED_DX": str(int(spec.need_dx)),
-        "NEED_DW": str(int(spec.need_dw)),
         "NUM_ELL": str(L),
         "NUM_W": str(K),
         "NUM_CH": str(plan.num_channels),
@@ -113,10 +114,9 @@ def render_sc(plan: SCPlan, spec: SCKernelSpec) -> Dict[str, str]:
         "LOAD_G": "\n".join(f"    const scalar_t g{o} = gp[{first} + ch * {stride}];"
                             for o, (first, stride) in enumerate(cols)),
         "DECL_DX": "\n".join(f"    scalar_t dx{i} = C(0.0);" for i in range(L)),
-        "DECL_DW": "\n".join(f"    scalar_t dw{k} = C(0.0);" for k in range(K)),
-        "BACKWARD": _backward_body(plan),
+        "GRAD_X": _grad_x_body(plan),
         "STORE_DX": "\n".join(f"    dxp[{i}] = dx{i};" for i in range(L)),
-        "STORE_DW": "\n".join(f"    dwp[{k} * NUM_CH] = dw{k};" for k in range(K)),
+        "GRAD_W": _grad_w_body(plan),
     }
     src = template_text("sym_contract.cu")
     for key, val in subs.items():
