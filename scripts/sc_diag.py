@@ -1,0 +1,50 @@
+"""Diagnostic: each generated symmetric-contraction kernel (forward, grad-x, grad-w) against the reference
+executor, repeated with fresh inputs, with the kernels' register and local-memory use.
+
+    python scripts/sc_diag.py            (GPU machine)
+"""
+import sys
+
+sys.path.insert(0, "tests")
+import torch  # noqa: E402
+from test_symcon import inputs, make_pair, rel  # noqa: E402
+
+from mace_accel.backends.cuda import sc as csc  # noqa: E402
+from mace_accel.backends.cuda.sc_codegen import SCKernelSpec  # noqa: E402
+from mace_accel.backends.reference import sc as rsc  # noqa: E402
+
+
+def main():
+    for case in ("mp-medium", "mp-large"):
+        for dtype in (torch.float32, torch.float64):
+            _, acc = make_pair(case, channels=48, dtype=dtype)
+            plan = acc._sc_plan
+            worst = [0.0, 0.0, 0.0]
+            for rep in range(6):
+                x, _ = inputs(acc, 301, dtype, device="cuda", seed=10 + rep)
+                wn = torch.randn(301, plan.weight_numel, 48, dtype=dtype, device="cuda")
+                g = torch.randn(301, plan.out_dim, dtype=dtype, device="cuda")
+                out = csc.forward(plan, x, wn)
+                dx, dw = csc.backward(plan, x, wn, g, True, True)
+                torch.cuda.synchronize()
+                x64, w64, g64 = x.double(), wn.double(), g.double()
+                ro = rsc.forward(plan, x64, w64)
+                rdx, rdw = rsc.backward(plan, x64, w64, g64, True, True)
+                errs = [rel(out.double(), ro), rel(dx.double(), rdx), rel(dw.double(), rdw)]
+                worst = [max(a, b) for a, b in zip(worst, errs)]
+                if max(errs) > 1e-4:
+                    bad = (dw.double() - rdw).abs() > 1e-3 * rdw.abs().max()
+                    idx = bad.nonzero()
+                    print(f"  {case} {dtype} rep {rep}: errs {errs}; bad dw entries {int(bad.sum())}, nodes "
+                          f"{idx[:, 0].unique()[:10].tolist()}, k {idx[:, 1].unique()[:20].tolist()}, "
+                          f"ch {idx[:, 2].unique()[:10].tolist()}")
+            attrs = []
+            for kind in (0, 1, 2):
+                fn = csc._function(plan, SCKernelSpec(kind, csc._DTYPES[dtype]), 0)
+                attrs.append(f"k{kind}: regs {fn.num_regs} local {fn.local_size_bytes} B")
+            print(f"{case} {dtype}: worst rel fwd {worst[0]:.2e} dx {worst[1]:.2e} dw {worst[2]:.2e}; "
+                  + "; ".join(attrs), flush=True)
+
+
+if __name__ == "__main__":
+    main()
