@@ -41,7 +41,11 @@ def main():
             attrs = []
             for kind in (0, 1, 2):
                 fn = csc._function(plan, SCKernelSpec(kind, csc._DTYPES[dtype]), 0)
-                attrs.append(f"k{kind}: regs {fn.num_regs} local {fn.local_size_bytes} B")
+                from cupy.cuda import driver
+
+                regs = driver.funcGetAttribute(4, fn.ptr)   # CU_FUNC_ATTRIBUTE_NUM_REGS
+                local = driver.funcGetAttribute(3, fn.ptr)  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+                attrs.append(f"k{kind}: regs {regs} local {local} B")
             print(f"{case} {dtype}: worst rel fwd {worst[0]:.2e} dx {worst[1]:.2e} dw {worst[2]:.2e}; "
                   + "; ".join(attrs), flush=True)
 
