@@ -40,7 +40,8 @@ def main():
                           f"ch {idx[:, 2].unique()[:10].tolist()}")
             attrs = []
             for kind in (0, 1, 2):
-                fn = csc._function(plan, SCKernelSpec(kind, csc._DTYPES[dtype]), 0)
+                rng = (0, 16) if kind == 2 else (0, 0)  # grad-w: the first chunk
+                fn = csc._function(plan, SCKernelSpec(kind, csc._DTYPES[dtype], *rng), 0)
                 from cupy.cuda import driver
 
                 regs = driver.funcGetAttribute(4, fn.ptr)   # CU_FUNC_ATTRIBUTE_NUM_REGS

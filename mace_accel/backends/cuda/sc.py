@@ -13,7 +13,8 @@ import torch
 
 from ...plan.sc import SCPlan
 from . import _cupy_stream, _ptr
-from .sc_codegen import KIND_SC_FORWARD, KIND_SC_GRAD_W, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec, render_sc
+from .sc_codegen import (KIND_SC_FORWARD, KIND_SC_GRAD_W, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec,
+                         grad_w_chunks, render_sc)
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _FUNCS: Dict[Tuple[str, SCKernelSpec, int], object] = {}
@@ -64,5 +65,6 @@ def backward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor, gout: torch.Tensor
         _launch(plan, SCKernelSpec(KIND_SC_GRAD_X, _DTYPES[x.dtype]), x, x, wn, gout, None, dx, None)
     if need_w:
         dw = torch.empty_like(wn)
-        _launch(plan, SCKernelSpec(KIND_SC_GRAD_W, _DTYPES[x.dtype]), x, x, wn, gout, None, None, dw)
+        for lo, hi in grad_w_chunks(plan):
+            _launch(plan, SCKernelSpec(KIND_SC_GRAD_W, _DTYPES[x.dtype], lo, hi), x, x, wn, gout, None, None, dw)
     return dx, dw

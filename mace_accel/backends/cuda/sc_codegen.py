@@ -17,6 +17,11 @@ from .codegen import template_text
 KIND_SC_FORWARD, KIND_SC_GRAD_X, KIND_SC_GRAD_W = 0, 1, 2
 #: Threads per block: 4 warps, one (node, channel) each.
 SC_THREADS_PER_BLOCK = 4 * WARP_SIZE
+#: Weights per grad-w launch. One kernel holding all K accumulators (K = 86 for MACE-MP-0 medium, 159 for
+#: large) runs out of registers; and NVRTC 13.0's build of that kernel gave wrong dw on the H100 for
+#: mp-medium float64 while the same source compiled for the host was right (scripts/sc_diag.py,
+#: benchmarks/results/sc_diag_h100.txt).
+GRAD_W_CHUNK = 16
 _SCALAR = {"float32": "float", "float64": "double"}
 
 
@@ -24,9 +29,12 @@ _SCALAR = {"float32": "float", "float64": "double"}
 class SCKernelSpec:
     kind: int
     dtype: str  # "float32" | "float64"
+    k_lo: int = 0  # grad-w only: this launch's weight range [k_lo, k_hi)
+    k_hi: int = 0
 
     def tag(self) -> str:
-        return f"k{self.kind}_{self.dtype[-2:]}"
+        rng = f"_w{self.k_lo}_{self.k_hi}" if self.kind == KIND_SC_GRAD_W else ""
+        return f"k{self.kind}_{self.dtype[-2:]}{rng}"
 
 
 def _lit(v: float) -> str:
@@ -78,18 +86,26 @@ def _grad_x_body(plan: SCPlan) -> str:
     return "\n".join(lines)
 
 
-def _grad_w_body(plan: SCPlan) -> str:
-    """dw[k] = sum over k's terms of u g_o monomial_p, one block per weight, stored at once: a single live
-    accumulator (holding all K at once spills for the large models)."""
-    by_k: Dict[int, List[Tuple[int, int, float]]] = defaultdict(list)
+def _grad_w_body(plan: SCPlan, k_lo: int, k_hi: int) -> str:
+    """dw[k] for k in [k_lo, k_hi) = sum over k's terms of u g_o monomial_p, one block per monomial (as the
+    forward) with only this chunk's accumulators live."""
+    by_p: Dict[int, List[Tuple[int, int, float]]] = defaultdict(list)
     for o, p, k, u in zip(plan.term_o.tolist(), plan.term_p.tolist(), plan.term_k.tolist(), plan.term_u.tolist()):
-        by_k[k].append((o, p, u))
-    lines = []
-    for k in range(plan.weight_numel):
-        terms = by_k.get(k, [])
-        expr = " + ".join(f"({_lit(u)} * g{o}) * ({_product(plan.monos[p])})" for o, p, u in terms) or "C(0.0)"
-        lines.append(f"    dwp[{k} * NUM_CH] = {expr};")
+        if k_lo <= k < k_hi:
+            by_p[p].append((o, k, u))
+    lines = [f"    scalar_t dw{k} = C(0.0);" for k in range(k_lo, k_hi)]
+    for p, terms in sorted(by_p.items()):
+        lines.append(f"    {{ const scalar_t m = {_product(plan.monos[p])};")
+        lines += [f"      dw{k} += ({_lit(u)} * g{o}) * m;" for o, k, u in terms]
+        lines.append("    }")
+    lines += [f"    dwp[{k} * NUM_CH] = dw{k};" for k in range(k_lo, k_hi)]
     return "\n".join(lines)
+
+
+def grad_w_chunks(plan: SCPlan) -> List[Tuple[int, int]]:
+    """The [k_lo, k_hi) weight ranges of the grad-w launches."""
+    k = plan.weight_numel
+    return [(lo, min(lo + GRAD_W_CHUNK, k)) for lo in range(0, k, GRAD_W_CHUNK)]
 
 
 def render_sc(plan: SCPlan, spec: SCKernelSpec) -> Dict[str, str]:
@@ -116,7 +132,7 @@ def render_sc(plan: SCPlan, spec: SCKernelSpec) -> Dict[str, str]:
         "DECL_DX": "\n".join(f"    scalar_t dx{i} = C(0.0);" for i in range(L)),
         "GRAD_X": _grad_x_body(plan),
         "STORE_DX": "\n".join(f"    dxp[{i}] = dx{i};" for i in range(L)),
-        "GRAD_W": _grad_w_body(plan),
+        "GRAD_W": _grad_w_body(plan, spec.k_lo, spec.k_hi) if spec.kind == KIND_SC_GRAD_W else "",
     }
     src = template_text("sym_contract.cu")
     for key, val in subs.items():
