@@ -1,0 +1,95 @@
+"""Where does one get_forces() step of ours go, in wall time? (GPU machine)
+
+    python scripts/step_breakdown.py
+
+Times, on the bench_ase system (2048 Cu atoms, MACE-MP-0-medium architecture, float32), with a
+synchronize after each part: the calculator's batch building (neighbour list included), the model's
+energy+forces call on a fixed batch, the GPU time of that call (CUDA events), the whole get_forces(), and
+the model call captured once in a CUDA graph and replayed (a probe of what graph capture would give).
+"""
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+from bench_ase import build_model  # noqa: E402
+
+import mace_accel  # noqa: E402
+from mace_accel.calculator.gather import FastRowGather  # noqa: E402
+
+
+def wall(fn, reps=15, warm=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def gpu(fn, reps=15):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main():
+    atoms = C.cu_atoms(8)
+    model, _ = build_model(128, 6.0, 78.0, torch.float32, 0, "RealAgnosticResidualInteractionBlock")
+    calc = mace_accel.MACEAccelCalculator(model, device="cuda", default_dtype="float32")
+    atoms.calc = calc
+    atoms.get_forces()
+    batch = calc.build_batch(atoms)
+    m = calc.model
+
+    def call():
+        with torch.enable_grad(), FastRowGather():
+            out = m(batch, compute_force=True, compute_stress=True, training=False)
+        return out
+
+    def step():
+        atoms.rattle(1e-3)
+        atoms.get_forces()
+
+    print(f"batch build (neighbour list, {batch['edge_index'].shape[1]} edges): "
+          f"{wall(lambda: calc.build_batch(atoms)):.2f} ms wall")
+    print(f"model energy+forces+stress: {wall(call):.2f} ms wall, {gpu(call):.2f} ms GPU")
+    print(f"get_forces() step: {wall(step):.2f} ms wall")
+    # CUDA graph probe: static batch, captured model call
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = call()
+        ref = call()["forces"]
+        g.replay()
+        torch.cuda.synchronize()
+        err = float((static_out["forces"] - ref).abs().max() / ref.abs().max())
+        print(f"graph replay: {wall(g.replay):.2f} ms wall, {gpu(g.replay):.2f} ms GPU, forces rel diff {err:.2e}")
+    except Exception as e:  # noqa: BLE001 - a probe: report what stops capture
+        print(f"graph capture failed: {type(e).__name__}: {str(e)[:400]}")
+
+
+if __name__ == "__main__":
+    main()
