@@ -88,7 +88,10 @@ def main():
         err = float((static_out["forces"] - ref).abs().max() / ref.abs().max())
         print(f"graph replay: {wall(g.replay):.2f} ms wall, {gpu(g.replay):.2f} ms GPU, forces rel diff {err:.2e}")
     except Exception as e:  # noqa: BLE001 - a probe: report what stops capture
+        import traceback
+
         print(f"graph capture failed: {type(e).__name__}: {str(e)[:400]}")
+        print("".join(traceback.format_exc().splitlines(True)[-40:]))
 
 
 if __name__ == "__main__":

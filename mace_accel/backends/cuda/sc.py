@@ -13,8 +13,7 @@ import torch
 
 from ...plan.sc import SCPlan
 from . import _cupy_stream, _ptr
-from .sc_codegen import (KIND_SC_FORWARD, KIND_SC_GRAD_W, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec,
-                         grad_w_chunks, render_sc)
+from .sc_codegen import KIND_SC_FORWARD, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec, render_sc
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _FUNCS: Dict[Tuple[str, SCKernelSpec, int], object] = {}
@@ -64,7 +63,10 @@ def backward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor, gout: torch.Tensor
         dx = torch.empty_like(x)
         _launch(plan, SCKernelSpec(KIND_SC_GRAD_X, _DTYPES[x.dtype]), x, x, wn, gout, None, dx, None)
     if need_w:
-        dw = torch.empty_like(wn)
-        for lo, hi in grad_w_chunks(plan):
-            _launch(plan, SCKernelSpec(KIND_SC_GRAD_W, _DTYPES[x.dtype], lo, hi), x, x, wn, gout, None, None, dw)
+        # The weight gradient (training only) runs the reference formula: the generated grad-w kernels gave
+        # wrong results on the H100 for some plans (mp-medium / mp-large float64, deterministic, while the same
+        # source built for the host is right: benchmarks/results/sc_diag_h100.txt), cause not found yet.
+        from ..reference import sc as ref
+
+        _, dw = ref.backward(plan, x, wn, gout, False, True)
     return dx, dw

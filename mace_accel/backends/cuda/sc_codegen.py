@@ -17,10 +17,10 @@ from .codegen import template_text
 KIND_SC_FORWARD, KIND_SC_GRAD_X, KIND_SC_GRAD_W = 0, 1, 2
 #: Threads per block: 4 warps, one (node, channel) each.
 SC_THREADS_PER_BLOCK = 4 * WARP_SIZE
-#: Weights per grad-w launch. One kernel holding all K accumulators (K = 86 for MACE-MP-0 medium, 159 for
-#: large) runs out of registers; and NVRTC 13.0's build of that kernel gave wrong dw on the H100 for
-#: mp-medium float64 while the same source compiled for the host was right (scripts/sc_diag.py,
-#: benchmarks/results/sc_diag_h100.txt).
+#: Weights per grad-w kernel. KIND 2 is not launched by the CUDA backend yet: on the H100 its NVRTC builds gave
+#: wrong dw for some float64 plans (one chunk of mp-large, all 1o weights of mp-medium when unchunked) while
+#: the same source built for the host is right (tests/test_symcon.py; scripts/sc_diag.py and
+#: benchmarks/results/sc_diag_h100.txt). The weight gradient (training only) runs the reference formula.
 GRAD_W_CHUNK = 16
 _SCALAR = {"float32": "float", "float64": "double"}
 
