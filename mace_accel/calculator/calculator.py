@@ -112,6 +112,10 @@ class MACEAccelCalculator(Calculator):
         deterministic: run the model with ``torch.use_deterministic_algorithms(True, warn_only=True)``
             (restored afterwards), so that repeated calls give bitwise identical results on GPUs.
         head: name of the model head to use (default: the only head, or the one called "default").
+        cuda_graph: capture the energy/forces/stress call in a CUDA graph and replay it each step, with the
+            edges padded to a capacity (:mod:`mace_accel.calculator.graph`). ``"auto"`` (default): on CUDA,
+            when not deterministic and every interaction block allows padded edges; ``True`` raises if it
+            cannot; ``False``: eager calls.
 
     Properties: ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å), ``stress`` (eV/Å^3, Voigt order
     xx yy zz yz xz xy, ASE sign convention; available when the cell has a nonzero volume, for open or mixed
@@ -129,6 +133,7 @@ class MACEAccelCalculator(Calculator):
         accelerate: bool = True,
         deterministic: bool = False,
         head: Optional[str] = None,
+        cuda_graph: Union[bool, str] = "auto",
         **kwargs,
     ):
         Calculator.__init__(self, **kwargs)
@@ -178,6 +183,23 @@ class MACEAccelCalculator(Calculator):
         self.head = head
         self._head_index = heads.index(head)
         self._node_cache: Optional[tuple] = None
+
+        from .graph import GraphStepUnsupported, check_model
+
+        if cuda_graph not in (True, False, "auto"):
+            raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+        use_graph = bool(cuda_graph) and self.device.type == "cuda" and not self.deterministic
+        if use_graph:
+            try:
+                check_model(model)
+            except GraphStepUnsupported:
+                if cuda_graph is True:
+                    raise
+                use_graph = False
+        if cuda_graph is True and not use_graph:
+            raise ValueError("cuda_graph=True needs a CUDA device and deterministic=False")
+        self.cuda_graph = use_graph
+        self._graph_step = None
 
     # ------------------------------------------------------------------ input
     def _check_atoms(self, atoms) -> None:
@@ -250,10 +272,11 @@ class MACEAccelCalculator(Calculator):
         batch = self.build_batch(atoms)
         n = len(atoms)
         has_volume = _cell_volume(atoms.cell.array) > 1e-12
-        gather = FastRowGather() if (self.device.type == "cuda" and not self.deterministic) \
-            else contextlib.nullcontext()
-        with self._determinism(), torch.enable_grad(), gather:
-            out = self.model(batch, compute_force=True, compute_stress=has_volume, training=False)
+        if self.cuda_graph:
+            out = self._graph_call(batch, atoms, has_volume)
+        else:
+            with self._call_context():
+                out = self.model(batch, compute_force=True, compute_stress=has_volume, training=False)
         parts = [out["energy"].detach().reshape(1), out["node_energy"].detach().reshape(n),
                  out["forces"].detach().reshape(3 * n)]
         if has_volume:
@@ -269,6 +292,27 @@ class MACEAccelCalculator(Calculator):
         }
         if has_volume:
             self.results["stress"] = full_3x3_to_voigt_6_stress(flat[1 + 4 * n:].reshape(3, 3))
+
+    @contextlib.contextmanager
+    def _call_context(self):
+        gather = FastRowGather() if (self.device.type == "cuda" and not self.deterministic) \
+            else contextlib.nullcontext()
+        with self._determinism(), torch.enable_grad(), gather:
+            yield
+
+    def _graph_call(self, batch, atoms, has_volume: bool):
+        """The model call through a captured CUDA graph (see :mod:`mace_accel.calculator.graph`)."""
+        from .graph import GraphStep, capacity_for
+
+        step = self._graph_step
+        signature = (len(atoms), tuple(bool(p) for p in atoms.pbc), bool(has_volume))
+        if step is None or step.signature != signature or not step.fits(batch):
+            self._graph_step = None  # free the old graph's memory first
+            step = GraphStep(self.model, batch, capacity_for(batch["edge_index"].shape[1]), has_volume,
+                             self.r_max, self._call_context)
+            step.signature = signature
+            self._graph_step = step
+        return step.run(batch, np.asarray(atoms.cell.array, dtype=np.float64).tolist())
 
     def get_property(self, name, atoms=None, allow_calculation=True):
         if name == "stress":

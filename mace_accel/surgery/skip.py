@@ -19,8 +19,8 @@ Three exact evaluation strategies (chosen per call by ``strategy``):
 * ``"gather"``: gather a [u, w] matrix per atom and batch-matmul (no sync; memory N*u*w per path);
 * ``"dense"``: contract with ``node_attrs`` itself like e3nn (any node_attrs, differentiable in them).
 
-``"auto"`` uses ``dense`` when ``node_attrs`` requires grad, ``gather`` while compiling or when the gathered
-matrices are small, else ``segment``. The first two need one-hot ``node_attrs`` (checked).
+``"auto"`` uses ``dense`` when ``node_attrs`` requires grad, ``gather`` while compiling, while a CUDA graph is
+captured or when the gathered matrices are small, else ``segment``. The first two need one-hot ``node_attrs`` (checked).
 """
 from __future__ import annotations
 
@@ -133,6 +133,8 @@ class ElementSkipTP(torch.nn.Module):
             return "dense"
         if torch.compiler.is_compiling() or x.shape[0] * self.per_atom_numel <= GATHER_LIMIT:
             return "gather"
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "gather"  # segment reads element counts on the host: not allowed in a CUDA graph
         return "segment"
 
     def _check(self, node_attrs: torch.Tensor):
