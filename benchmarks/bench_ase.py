@@ -9,7 +9,8 @@ supercell, r_max 6 A (about 160k edges).
 Calculators (each gets the same model, saved once to a temporary file and loaded from it):
 
 * ``e3nn``  mace.calculators.MACECalculator(model_paths=..., device, default_dtype)   -- the reference
-* ``ours``  mace_accel.MACEAccelCalculator(model, device=..., default_dtype=...)
+* ``ours``  mace_accel.MACEAccelCalculator(model, device=..., default_dtype=...)   (CUDA-graph step on CUDA)
+* ``ours-eager``  the same with ``cuda_graph=False`` (eager model calls), for the breakdown
 * ``cueq``  MACECalculator(..., enable_cueq=True)   (mace converts the model with mace.cli.convert_e3nn_cueq)
 * ``oeq``   MACECalculator(..., enable_oeq=True)    (mace.cli.convert_e3nn_oeq)
 
@@ -38,7 +39,7 @@ import _common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-CALCS = ("e3nn", "ours", "cueq", "oeq")
+CALCS = ("e3nn", "ours", "ours-eager", "cueq", "oeq")
 
 
 def build_model(channels: int, r_max: float, avg_num_neighbors: float, dtype: torch.dtype, seed: int,
@@ -71,7 +72,7 @@ def build_model(channels: int, r_max: float, avg_num_neighbors: float, dtype: to
 
 
 def make_calculator(name: str, model_path: str, device: str, dtype_name: str):
-    if name == "ours":
+    if name in ("ours", "ours-eager"):
         try:
             import mace_accel
 
@@ -79,7 +80,8 @@ def make_calculator(name: str, model_path: str, device: str, dtype_name: str):
         except Exception as e:  # noqa: BLE001 -- not written yet, or broken: report it
             raise Unavailable(f"mace_accel.MACEAccelCalculator: {C.describe_error(e)}") from None
         model = torch.load(model_path, map_location=device, weights_only=False)
-        return cls(model, device=device, default_dtype=dtype_name)
+        return cls(model, device=device, default_dtype=dtype_name,
+                   cuda_graph="auto" if name == "ours" else False)
     from mace.calculators import MACECalculator
 
     # mace's own check is weak (its convert modules import without the libraries, then fail late), so
@@ -256,7 +258,7 @@ def main(argv=None) -> Dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         rel = entry.get("force_rel_err")
-        log(f"{name:5s}: {entry['status']}"
+        log(f"{name:10s}: {entry['status']}"
             + (f", built in {entry['construct_s']:.1f} s" if "construct_s" in entry else "")
             + (f", {entry['median_ms']:.2f} ms/step" if "median_ms" in entry else "")
             + (f", force rel err {rel:.2e}" if rel is not None else "")
@@ -287,7 +289,7 @@ def print_table(report: Dict[str, Any]):
     lines = [f"== bench_ase on {dev}: get_forces(), {report['model']['model']} hidden "
              f"{report['model']['hidden_irreps']} (random weights), {s['num_atoms']} Cu atoms, {s['num_edges']} "
              f"edges, {a['dtype']}; median of {a['steps']} steps after {a['warmup']} warm-up",
-             f"{'calc':6s} {'status':11s} {'median ms':>10s} {'min ms':>9s} {'1st call s':>10s} "
+             f"{'calc':10s} {'status':11s} {'median ms':>10s} {'min ms':>9s} {'1st call s':>10s} "
              f"{'F rel err':>10s} {'ours/this':>9s}"]
     ours = report["calculators"].get("ours", {})
     for name, e in report["calculators"].items():
@@ -297,7 +299,7 @@ def print_table(report: Dict[str, Any]):
         rel = f"{e['force_rel_err']:10.1e}" if e.get("force_rel_err") is not None else f"{'-':>10s}"
         r = report["ratios"].get(f"ours/{name}")
         rs = f"{r:9.3f}" if r is not None else f"{'-':>9s}"
-        lines.append(f"{name:6s} {e['status']:11s} {med} {mn} {fc} {rel} {rs}")
+        lines.append(f"{name:10s} {e['status']:11s} {med} {mn} {fc} {rel} {rs}")
         if e.get("error"):
             lines.append(f"       {e['error'][:160]}")
     if ours.get("status") == "ok":
