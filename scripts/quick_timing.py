@@ -48,7 +48,11 @@ def main():
     ap.add_argument("--edges", type=int, default=160_000)
     ap.add_argument("--nodes", type=int, default=2048)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--unroll-sweep", action="store_true",
+                    help="time the segmented forward with 1, 2, 4, 8 edges per loop iteration instead")
     args = ap.parse_args()
+    if args.unroll_sweep:
+        return unroll_sweep(args)
     bw = copy_bandwidth()
     from mace_accel.backends import cuda as cuda_backend
 
@@ -92,6 +96,37 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(0), copy_bw=bw, edges=args.edges, nodes=args.nodes,
                            rows=rows), f, indent=1)
+
+
+def unroll_sweep(args):
+    """Forward time against the edge-loop unroll factor (patched into the code generator, kernels rebuilt)."""
+    from mace_accel.backends import cuda as cuda_backend
+    from mace_accel.backends.cuda import codegen
+
+    original = codegen._edge_unroll
+    E, N = args.edges, args.nodes
+    r = torch.sort(torch.randint(0, N, (E,), device="cuda"))[0]
+    s = torch.randint(0, N, (E,), device="cuda")
+    for layer in ("layer0", "medium1", "large1"):
+        node, sh, mid, ins = mace_conv_args(layer)
+        for dtype in (torch.float32, torch.float64):
+            conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False)
+            x = torch.randn(N, node.dim, device="cuda", dtype=dtype)
+            y = torch.randn(E, sh.dim, device="cuda", dtype=dtype)
+            w = torch.randn(E, conv.weight_numel, device="cuda", dtype=dtype)
+            times, ref = [], None
+            for unroll in (1, 2, 4, 8):
+                codegen._edge_unroll = lambda plan, spec, u=unroll: u if spec.kind == codegen.KIND_FORWARD else 1
+                cuda_backend._FUNCS.clear()
+                out = conv(x, y, w, s, r)
+                ref = out if ref is None else ref
+                assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+                times.append(timeit(lambda: conv(x, y, w, s, r)))
+            codegen._edge_unroll = original
+            cuda_backend._FUNCS.clear()
+            print(f"{layer:8s} {str(dtype)[6:]:8s} fwd ms by unroll 1/2/4/8: "
+                  + " ".join(f"{t:.3f}" for t in times) + f" (default {original(conv.plan, codegen.KernelSpec(codegen.KIND_FORWARD, str(dtype)[6:], True))})",
+                  flush=True)
 
 
 if __name__ == "__main__":
