@@ -298,15 +298,20 @@ def _acc_flush(blocks, row_dim: str, atomic: bool) -> str:
     return "\n".join(lines)
 
 
-#: Forward kernels whose per-lane accumulators fit in this many 32-bit registers walk two edges per loop
-#: iteration (more loads in flight per warp); larger ones would spill.
-UNROLL_MAX_ACC_WORDS = 24
+#: Forward kernels whose per-lane accumulators fit in this many 32-bit registers walk SMALL_FORWARD_UNROLL
+#: edges per loop iteration (more loads in flight per warp). Measured on the H100
+#: (benchmarks/results/unroll_sweep_h100.txt, forward ms for unroll 1/2/4/8): layer 0 (16 accumulators)
+#: float32 0.39/0.37/0.31/0.45, float64 0.55/0.47/0.39/0.41; medium layer 1 (40) float32
+#: 0.50/0.65/0.77/0.65 and large (71) are fastest without unrolling.
+UNROLL_MAX_ACC_WORDS = 32
+SMALL_FORWARD_UNROLL = 4
 
 
 def _edge_unroll(plan: TPPlan, spec: KernelSpec) -> int:
     if spec.kind != KIND_FORWARD:
         return 1
-    return 2 if plan.lane_out_dim * (2 if spec.dtype == "float64" else 1) <= UNROLL_MAX_ACC_WORDS else 1
+    words = plan.lane_out_dim * (2 if spec.dtype == "float64" else 1)
+    return SMALL_FORWARD_UNROLL if words <= UNROLL_MAX_ACC_WORDS else 1
 
 
 def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
