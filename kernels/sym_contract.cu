@@ -7,7 +7,8 @@
 // monomial; the monomial's value is built from products the compiler shares between blocks.
 // KIND 0: forward -> OUT[node, col(o, channel)]
 // KIND 1: grad-x from G = d loss / d OUT: DX[node, channel, i]
-// KIND 2: grad-w from G: DW[node, k, channel], one weight at a time (one live accumulator)
+// KIND 2: grad-w from G: DW[node, k, channel] for one chunk of weights [k_lo, k_hi) (not launched by the CUDA
+//         backend yet: see GRAD_W_CHUNK in sc_codegen.py)
 // Every output element is written by exactly one thread with a plain store: deterministic.
 
 typedef $$SCALAR$$ scalar_t;

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from test_symcon import inputs, make_pair, rel  # noqa: E402
 
 from mace_accel.backends.cuda import sc as csc  # noqa: E402
-from mace_accel.backends.cuda.sc_codegen import SCKernelSpec  # noqa: E402
+from mace_accel.backends.cuda.sc_codegen import KIND_SC_GRAD_W, SCKernelSpec, grad_w_chunks  # noqa: E402
 from mace_accel.backends.reference import sc as rsc  # noqa: E402
 
 
@@ -25,7 +25,11 @@ def main():
                 wn = torch.randn(301, plan.weight_numel, 48, dtype=dtype, device="cuda")
                 g = torch.randn(301, plan.out_dim, dtype=dtype, device="cuda")
                 out = csc.forward(plan, x, wn)
-                dx, dw = csc.backward(plan, x, wn, g, True, True)
+                dx, _ = csc.backward(plan, x, wn, g, True, False)
+                dw = torch.empty_like(wn)  # the generated grad-w kernels, which the backend does not launch
+                for lo, hi in grad_w_chunks(plan):
+                    csc._launch(plan, SCKernelSpec(KIND_SC_GRAD_W, csc._DTYPES[dtype], lo, hi), x, x, wn, g,
+                                None, None, dw)
                 torch.cuda.synchronize()
                 x64, w64, g64 = x.double(), wn.double(), g.double()
                 ro = rsc.forward(plan, x64, w64)

@@ -7,7 +7,6 @@ synchronize after each part: the calculator's batch building (neighbour list inc
 energy+forces call on a fixed batch, the GPU time of that call (CUDA events), the whole get_forces(), and
 the same step through the calculator's CUDA-graph step, and that graph's replay alone.
 """
-import contextlib
 import os
 import statistics
 import sys

@@ -465,13 +465,18 @@ def test_gpu_cuda_graph_step_matches_eager(dtype):
     graph = MACEAccelCalculator(MODEL, device="cuda", default_dtype=dtype, cuda_graph=True)
     rtol = 1e-10 if dtype == "float64" else 1e-4
     atoms = _alloy((3, 3, 3), seed=40, rattle=0.05)
-    for step in range(6):  # edges change every step; capacity grows once when the cell shrinks
+    capacities = []
+    for step in range(6):  # edges change every step
         atoms.rattle(0.02, seed=100 + step)
-        if step == 3:
-            atoms.set_cell(atoms.cell.array * 0.93, scale_atoms=True)
+        if step == 3:  # more edges than the capacity: re-captured with a larger one
+            atoms.set_cell(atoms.cell.array * 0.8, scale_atoms=True)
+        if step == 4:  # other elements, same atom count: node attributes are reloaded
+            atoms.set_chemical_symbols(atoms.get_chemical_symbols()[::-1])
         a, b = _results(eager, atoms), _results(graph, atoms)
+        capacities.append(graph._graph_step.capacity)
         for key in ("energy", "forces", "stress"):
             np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=rtol * np.abs(a[key]).max(), err_msg=key)
+    assert capacities[3] > capacities[2] and len(set(capacities[:3])) == 1
     cl = _cluster(13, seed=41)  # new signature: re-captured, no stress
     a, b = _results(eager, cl), _results(graph, cl)
     np.testing.assert_allclose(b["forces"], a["forces"], rtol=rtol, atol=rtol * np.abs(a["forces"]).max())

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
@@ -114,8 +115,9 @@ class MACEAccelCalculator(Calculator):
         head: name of the model head to use (default: the only head, or the one called "default").
         cuda_graph: capture the energy/forces/stress call in a CUDA graph and replay it each step, with the
             edges padded to a capacity (:mod:`mace_accel.calculator.graph`). ``"auto"`` (default): on CUDA,
-            when not deterministic and every interaction block allows padded edges; ``True`` raises if it
-            cannot; ``False``: eager calls.
+            when not deterministic, every interaction block allows padded edges and the system has at most
+            ``graph.AUTO_MAX_ATOMS`` atoms; if a capture fails it warns and runs eagerly. ``True``: always,
+            and errors are raised. ``False``: eager calls.
 
     Properties: ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å), ``stress`` (eV/Å^3, Voigt order
     xx yy zz yz xz xy, ASE sign convention; available when the cell has a nonzero volume, for open or mixed
@@ -199,6 +201,7 @@ class MACEAccelCalculator(Calculator):
         if cuda_graph is True and not use_graph:
             raise ValueError("cuda_graph=True needs a CUDA device and deterministic=False")
         self.cuda_graph = use_graph
+        self._cuda_graph_option = cuda_graph
         self._graph_step = None
 
     # ------------------------------------------------------------------ input
@@ -272,9 +275,20 @@ class MACEAccelCalculator(Calculator):
         batch = self.build_batch(atoms)
         n = len(atoms)
         has_volume = _cell_volume(atoms.cell.array) > 1e-12
-        if self.cuda_graph:
-            out = self._graph_call(batch, atoms, has_volume)
-        else:
+        out = None
+        if self._use_graph(n):
+            try:
+                out = self._graph_call(batch, atoms, has_volume)
+            except RuntimeError as exc:
+                if self._cuda_graph_option is True:
+                    raise
+                # "auto": say why, then run eagerly from now on (the results below are computed either way)
+                self._graph_step = None
+                self.cuda_graph = False
+                warnings.warn(f"MACEAccelCalculator: CUDA-graph capture failed, running eager model calls "
+                              f"from now on (pass cuda_graph=False to silence this): {type(exc).__name__}: {exc}",
+                              RuntimeWarning, stacklevel=2)
+        if out is None:
             with self._call_context():
                 out = self.model(batch, compute_force=True, compute_stress=has_volume, training=False)
         parts = [out["energy"].detach().reshape(1), out["node_energy"].detach().reshape(n),
@@ -306,13 +320,19 @@ class MACEAccelCalculator(Calculator):
 
         step = self._graph_step
         signature = (len(atoms), tuple(bool(p) for p in atoms.pbc), bool(has_volume))
-        if step is None or step.signature != signature or not step.fits(batch):
+        if step is None or not step.fits(signature, batch):
             self._graph_step = None  # free the old graph's memory first
             step = GraphStep(self.model, batch, capacity_for(batch["edge_index"].shape[1]), has_volume,
-                             self.r_max, self._call_context)
-            step.signature = signature
+                             self.r_max, self._call_context, signature)
             self._graph_step = step
         return step.run(batch, np.asarray(atoms.cell.array, dtype=np.float64).tolist())
+
+    def _use_graph(self, n: int) -> bool:
+        if not self.cuda_graph:
+            return False
+        from .graph import AUTO_MAX_ATOMS
+
+        return self._cuda_graph_option is True or n <= AUTO_MAX_ATOMS
 
     def get_property(self, name, atoms=None, allow_calculation=True):
         if name == "stress":

@@ -32,6 +32,9 @@ EDGE_HEADROOM = 0.15
 EDGE_CAPACITY_QUANTUM = 4096
 #: Eager calls on a side stream before capture (cuBLAS workspaces, kernel compilation, allocator warm-up).
 WARMUP_CALLS = 2
+#: cuda_graph="auto" captures systems up to this many atoms (host overhead matters most for small systems;
+#: the captured call keeps per-atom gathered skip matrices, N x sum(u*w) elements per layer, in its pool).
+AUTO_MAX_ATOMS = 8192
 
 
 class GraphStepUnsupported(RuntimeError):
@@ -56,7 +59,7 @@ def capacity_for(num_edges: int) -> int:
     return -(-want // EDGE_CAPACITY_QUANTUM) * EDGE_CAPACITY_QUANTUM
 
 
-def null_unit_shift(cell, pbc, r_max: float) -> Tuple[Optional[Tuple[int, int, int]], Tuple[float, float, float]]:
+def null_unit_shift(cell, r_max: float) -> Tuple[Optional[Tuple[int, int, int]], Tuple[float, float, float]]:
     """(integer unit shift or None, Cartesian shift) of a null edge.
 
     With stress, mace rebuilds shifts as unit_shifts @ cell, so the null edge needs an integer multiple of a
@@ -85,7 +88,7 @@ def write_null_edges(edge_index: torch.Tensor, shifts: torch.Tensor, unit_shifts
     cap = edge_index.shape[1]
     if start >= cap:
         return
-    unit, cart = null_unit_shift(cell_host, None, r_max)
+    unit, cart = null_unit_shift(cell_host, r_max)
     nodes = torch.arange(start, cap, device=edge_index.device) % num_atoms
     edge_index[:, start:].copy_(nodes.expand(2, -1))
     shifts[start:] = torch.tensor(cart, dtype=shifts.dtype).to(shifts.device)
@@ -96,8 +99,9 @@ class GraphStep:
     """Static buffers + captured graph for one (atoms, pbc, stress) signature and an edge capacity."""
 
     def __init__(self, model, batch: Dict[str, torch.Tensor], capacity: int, compute_stress: bool,
-                 r_max: float, call_context):
+                 r_max: float, call_context, signature=None):
         self.model = model
+        self.signature = signature  # what the static buffers were built for (atom count, pbc, stress)
         self.capacity = int(capacity)
         self.compute_stress = bool(compute_stress)
         self.r_max = float(r_max)
@@ -112,11 +116,10 @@ class GraphStep:
         self.static["unit_shifts"] = torch.empty(self.capacity, 3, dtype=batch["unit_shifts"].dtype, device=dev)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[Dict[str, torch.Tensor]] = None
-        self.signature = None  # set by the owner: what the static buffers were built for
         self._cell_host = None
 
-    def fits(self, batch) -> bool:
-        return batch["edge_index"].shape[1] <= self.capacity and batch["positions"].shape[0] == self.num_atoms
+    def fits(self, signature, batch) -> bool:
+        return signature == self.signature and batch["edge_index"].shape[1] <= self.capacity
 
     def load(self, batch) -> None:
         s = self.static

@@ -41,7 +41,6 @@ class SCPlan:
     term_k: np.ndarray
     term_u: np.ndarray
     weight_numel: int
-    weight_slices: Tuple[Tuple[int, int, int], ...]  # (output j, nu, first k) for each U, in weight order
 
     @property
     def num_outputs(self) -> int:
@@ -62,10 +61,6 @@ class SCPlan:
                 return self.col_offsets[j] + (o - base), dim
         raise IndexError(o)
 
-    def flops_per_item(self) -> int:
-        """Multiply-adds per (node, channel) of the forward, counted as 2 FLOPs each."""
-        mono = sum(max(len(m) - 1, 0) for m in self.monos)
-        return 2 * (self.num_terms * 2 + mono)
 
 
 def _symmetrised(u: np.ndarray) -> np.ndarray:
@@ -81,15 +76,14 @@ def build_sc_plan(problem: SCProblem) -> SCPlan:
     L = problem.num_ell
     monos: Dict[Tuple[int, ...], int] = {}
     raw = []  # (o, mono tuple, k, u)
-    out_dims, out_bases, col_offsets, slices = [], [], [], []
+    out_dims, out_bases, col_offsets = [], [], []
     o_base, col, k_base = 0, 0, 0
-    for j, out in enumerate(problem.outputs):
+    for out in problem.outputs:
         out_dims.append(out.dim)
         out_bases.append(o_base)
         col_offsets.append(col)
         for nu, u in enumerate(out.u, start=1):
             kn = u.shape[-1]
-            slices.append((j, nu, k_base))
             scale = float(np.max(np.abs(u))) if u.size else 0.0
             if scale > 0.0:
                 s = _symmetrised(u)
@@ -109,7 +103,7 @@ def build_sc_plan(problem: SCProblem) -> SCPlan:
         key=problem.key(), num_channels=problem.num_channels, num_ell=L, out_dims=tuple(out_dims),
         out_bases=tuple(out_bases), col_offsets=tuple(col_offsets), monos=tuple(monos),
         term_o=arr(0, np.int64), term_p=np.array([monos[r[1]] for r in raw], dtype=np.int64),
-        term_k=arr(2, np.int64), term_u=arr(3, np.float64), weight_numel=k_base, weight_slices=tuple(slices))
+        term_k=arr(2, np.int64), term_u=arr(3, np.float64), weight_numel=k_base)
 
 
 _REGISTRY: Dict[str, SCPlan] = {}

@@ -245,11 +245,8 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
                 continue
             try:
                 detail = accelerate_symmetric_contraction(mod)
-            except UnsupportedModuleError as e:
-                err = e.at(name)
-                if strict:
-                    raise err from None
-                rep.add(name, type(mod).__name__, "kept", f"unsupported, left as mace: {err}")
+            except UnsupportedModuleError as e:  # mace's module stays: an exact fallback, also when strict
+                rep.add(name, type(mod).__name__, "kept", f"left as mace's module: {e.at(name)}")
                 continue
             rep.add(name, "SymmetricContraction", "replaced", detail)
 

@@ -30,10 +30,12 @@ def _weights_in_plan_order(sc: SymmetricContraction) -> List[torch.Tensor]:
 
 
 def problem_from_mace(sc: SymmetricContraction) -> SCProblem:
+    if len(sc.irreps_out) != len(sc.contractions) or not len(sc.contractions):
+        raise UnsupportedModuleError("", f"{len(sc.contractions)} contractions for irreps_out {sc.irreps_out}")
+    if len({con.num_features for con in sc.contractions}) != 1:
+        raise UnsupportedModuleError("", "contractions with different channel counts")
     outputs = []
     for irrep, con in zip(sc.irreps_out, sc.contractions):
-        if irrep.mul != 1 and len(sc.irreps_out) != len(sc.contractions):
-            raise UnsupportedModuleError("", "irreps_out and contractions do not match one to one")
         us = [con.U_tensors(nu).detach().cpu().double().numpy() for nu in range(1, con.correlation + 1)]
         outputs.append((str(irrep.ir), us))
     first = sc.contractions[0]
@@ -58,19 +60,29 @@ class AcceleratedSymmetricContraction(SymmetricContraction):
         super().__setstate__(state)
         self._sc_plan = register_sc_plan(self._sc_problem)
 
-    def _apply(self, fn, *args, **kwargs):
-        # A cast (e.g. float64 -> float32 -> float64) changes the U buffers' values: re-read them, so the
-        # plan always holds exactly the U the mace module would use.
-        out = super()._apply(fn, *args, **kwargs)
+    def _refresh_plan(self) -> None:
+        """Re-read the U buffers: the plan always holds exactly the U the mace module would use."""
+        if any(b.is_meta for b in self.buffers()):
+            return  # no values yet (meta / to_empty initialisation): refreshed when they are loaded
         problem = problem_from_mace(self)
         if problem.key() != self._sc_problem.key():
             self._sc_problem = problem
             self._sc_plan = register_sc_plan(problem)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)  # a cast (float64 -> float32 -> float64) changes U's values
+        self._refresh_plan()
         return out
+
 
     def extra_repr(self) -> str:
         p = self._sc_plan
         return (f"mace_accel: {self._sc_problem.describe()}, {len(p.monos)} monomials, {p.num_terms} terms")
+
+
+def _refresh_after_load(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: U_matrix_* are buffers (of the child contractions) in the state dict."""
+    module._refresh_plan()
 
 
 def _check(x, y, plan, num_elements, w):
@@ -80,6 +92,8 @@ def _check(x, y, plan, num_elements, w):
     if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape != (x.shape[0], num_elements):
         raise ValueError(f"symmetric contraction: node attributes have shape {tuple(getattr(y, 'shape', ()))}, "
                          f"expected [{x.shape[0]}, {num_elements}]")
+    if w.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"symmetric contraction: dtype {w.dtype} is not supported (float32, float64)")
     for name, t in (("x", x), ("node attributes", y)):
         if t.dtype != w.dtype:
             raise ValueError(f"symmetric contraction: {name} has dtype {t.dtype}, the weights {w.dtype}")
@@ -102,6 +116,7 @@ def accelerate_symmetric_contraction(sc: torch.nn.Module, check_inputs: bool = T
     sc._sc_problem = problem
     sc._sc_plan = register_sc_plan(problem)
     sc._sc_check_inputs = bool(check_inputs)
+    sc._sc_load_hook = sc.register_load_state_dict_post_hook(_refresh_after_load)
     sc.__class__ = AcceleratedSymmetricContraction
     p = sc._sc_plan
     return (f"mace SymmetricContraction -> one generated kernel per pass ({problem.describe()}; "
@@ -111,7 +126,9 @@ def accelerate_symmetric_contraction(sc: torch.nn.Module, check_inputs: bool = T
 def restore_symmetric_contraction(sc: torch.nn.Module) -> None:
     if isinstance(sc, AcceleratedSymmetricContraction):
         sc.__class__ = SymmetricContraction
-        for a in ("_sc_problem", "_sc_plan", "_sc_check_inputs"):
+        if "_sc_load_hook" in sc.__dict__:
+            sc._sc_load_hook.remove()
+        for a in ("_sc_problem", "_sc_plan", "_sc_check_inputs", "_sc_load_hook"):
             if a in sc.__dict__:
                 delattr(sc, a)
 
