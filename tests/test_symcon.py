@@ -151,6 +151,17 @@ def test_restore_and_pickle_round_trip():
     assert {k for k, _ in back.state_dict().items()} == {k for k, _ in ref.state_dict().items()}
 
 
+def test_plan_follows_loaded_u_buffers():
+    """load_state_dict replaces the U buffers (they are in the state dict): the plan must follow. (The problem
+    once held views of the float64 buffers, so an in-place load changed it too and went unnoticed.)"""
+    ref, acc = make_pair("mp-small", channels=3)
+    state = {k: (v * (1.5 + 0.25 * k.count("3")) if "U_matrix" in k else v) for k, v in ref.state_dict().items()}
+    acc.load_state_dict(state)
+    ref.load_state_dict(state)
+    x, y = inputs(acc, 4, torch.float64)
+    assert rel(acc(x, y), ref(x, y)) <= 1e-13
+
+
 def test_bad_inputs():
     _, acc = make_pair("mp-small", channels=4)
     x, y = inputs(acc, 5, torch.float64)

@@ -61,7 +61,7 @@ class SCProblem:
                                           f"(supported: 1..{MAX_CORRELATION})")
             fixed = []
             for nu, u in enumerate(us, start=1):
-                u = np.asarray(u, dtype=np.float64)
+                u = np.array(u, dtype=np.float64, copy=True)  # own copy: never a view of a live buffer
                 if dim == 1 and u.ndim == nu + 1:
                     u = u[None]
                 want = (dim,) + (num_ell,) * nu

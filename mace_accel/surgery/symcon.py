@@ -36,6 +36,8 @@ def problem_from_mace(sc: SymmetricContraction) -> SCProblem:
         raise UnsupportedModuleError("", "contractions with different channel counts")
     outputs = []
     for irrep, con in zip(sc.irreps_out, sc.contractions):
+        # .numpy() of a float64 CPU buffer is a view: copied (in SCProblem.from_u) so that the problem keeps the
+        # values the plan was built from, and a later in-place change of the buffer is detected
         us = [con.U_tensors(nu).detach().cpu().double().numpy() for nu in range(1, con.correlation + 1)]
         outputs.append((str(irrep.ir), us))
     first = sc.contractions[0]
