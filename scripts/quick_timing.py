@@ -9,31 +9,21 @@ forward pass (bytes: W, Y, X, indices read once, output written once).
 import argparse
 import json
 import os
-import statistics
 import sys
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import torch  # noqa: E402
 
+import _common as C  # noqa: E402
 import mace_accel  # noqa: E402
 from tp_cases import mace_conv_args  # noqa: E402
 
 
 def timeit(fn, reps=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return C.time_fn(fn, torch.device("cuda"), warmup, reps)["median_ms"]
 
 
 def copy_bandwidth():

@@ -35,17 +35,7 @@ def wall(fn, reps=15, warm=3):
 
 
 def gpu(fn, reps=15):
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return C.time_fn(fn, torch.device("cuda"), 1, reps)["median_ms"]
 
 
 def main():

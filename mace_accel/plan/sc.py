@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
 
 from ..problem.sc import SCProblem
+from .registry import PlanRegistry
 
 #: Coefficients below this fraction of the largest |U| are cancellation noise of the symmetrisation.
 ZERO_TOL = 1e-13
@@ -106,23 +106,6 @@ def build_sc_plan(problem: SCProblem) -> SCPlan:
         term_k=arr(2, np.int64), term_u=arr(3, np.float64), weight_numel=k_base)
 
 
-_REGISTRY: Dict[str, SCPlan] = {}
-_LOCK = threading.Lock()
-
-
-def register_sc_plan(problem: SCProblem) -> SCPlan:
-    key = problem.key()
-    with _LOCK:
-        plan = _REGISTRY.get(key)
-        if plan is None:
-            plan = build_sc_plan(problem)
-            _REGISTRY[key] = plan
-    return plan
-
-
-def get_sc_plan(key: str) -> SCPlan:
-    try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise RuntimeError(f"mace_accel: no symmetric-contraction plan is registered under key {key!r}; "
-                           "build the SymmetricContraction module in this process first") from None
+_REGISTRY = PlanRegistry(build_sc_plan, "symmetric-contraction", "SymmetricContraction")
+register_sc_plan = _REGISTRY.register
+get_sc_plan = _REGISTRY.get

@@ -11,7 +11,6 @@ Work decomposition shared by all kernels (see docs/design.md):
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from ..problem import TPProblem
 from .cg import wigner_3j
+from .registry import PlanRegistry
 
 #: Threads of a warp; one lane per channel.
 WARP_SIZE = 32
@@ -130,23 +130,6 @@ def build_plan(problem: TPProblem) -> TPPlan:
 
 
 # ---- registry: torch ops receive a plan key (a string) and look the plan up here ---------------------
-_REGISTRY: Dict[str, TPPlan] = {}
-_LOCK = threading.Lock()
-
-
-def register_plan(problem: TPProblem) -> TPPlan:
-    key = problem.key()
-    with _LOCK:
-        plan = _REGISTRY.get(key)
-        if plan is None:
-            plan = build_plan(problem)
-            _REGISTRY[key] = plan
-    return plan
-
-
-def get_plan(key: str) -> TPPlan:
-    try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise RuntimeError(f"mace_accel: no tensor-product plan is registered under key {key!r}; "
-                           "build the TensorProduct/TensorProductConv module in this process first") from None
+_REGISTRY = PlanRegistry(build_plan, "tensor-product", "TensorProduct/TensorProductConv")
+register_plan = _REGISTRY.register
+get_plan = _REGISTRY.get

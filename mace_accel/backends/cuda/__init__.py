@@ -19,7 +19,7 @@ from .codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE, 
                       THREADS_PER_BLOCK, KernelSpec, render)
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-_FUNCS: Dict[Tuple[str, KernelSpec, int], object] = {}
+_FUNCS: Dict[Tuple[str, object, int], object] = {}
 _LOCK = threading.Lock()
 _NULL = np.uint64(0)
 #: Edges per warp in the receiver-sorted runs of the atomic backward and the fused double backward
@@ -37,17 +37,23 @@ def check_available(device: torch.device) -> None:
                            f"to use the reference backend ({exc})") from exc
 
 
-def _function(plan: TPPlan, spec: KernelSpec, device_index: int):
-    key = (plan.key, spec, device_index)
+def compiled(plan_key: str, spec, device_index: int, render_fn):
+    """The kernel for (plan, spec) on a device, rendered by ``render_fn()`` and compiled on first use (memory
+    cache here, disk cache in :mod:`.compiler`). Shared by every generated-kernel family."""
+    key = (plan_key, spec, device_index)
     fn = _FUNCS.get(key)
     if fn is None:
         from .compiler import load_function
 
-        rendered = render(plan, spec)
+        rendered = render_fn()
         fn = load_function(rendered["source"], rendered["name"], device_index)
         with _LOCK:
             _FUNCS[key] = fn
     return fn
+
+
+def _function(plan: TPPlan, spec: KernelSpec, device_index: int):
+    return compiled(plan.key, spec, device_index, lambda: render(plan, spec))
 
 
 _STREAMS: Dict[Tuple[int, int], object] = {}

@@ -5,32 +5,20 @@ one thread with a plain store, so outputs are allocated uninitialised and the re
 """
 from __future__ import annotations
 
-import threading
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
 from ...plan.sc import SCPlan
-from . import _cupy_stream, _ptr
+from . import _cupy_stream, _ptr, compiled
 from .sc_codegen import KIND_SC_FORWARD, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec, render_sc
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-_FUNCS: Dict[Tuple[str, SCKernelSpec, int], object] = {}
-_LOCK = threading.Lock()
 
 
 def _function(plan: SCPlan, spec: SCKernelSpec, device_index: int):
-    key = (plan.key, spec, device_index)
-    fn = _FUNCS.get(key)
-    if fn is None:
-        from .compiler import load_function
-
-        rendered = render_sc(plan, spec)
-        fn = load_function(rendered["source"], rendered["name"], device_index)
-        with _LOCK:
-            _FUNCS[key] = fn
-    return fn
+    return compiled(plan.key, spec, device_index, lambda: render_sc(plan, spec))
 
 
 def _launch(plan: SCPlan, spec: SCKernelSpec, x: torch.Tensor, X, WN, G, OUT, DX, DW) -> None:
