@@ -116,12 +116,11 @@ class GraphStep:
         self.static["unit_shifts"] = torch.empty(self.capacity, 3, dtype=batch["unit_shifts"].dtype, device=dev)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[Dict[str, torch.Tensor]] = None
-        self._cell_host = None
 
     def fits(self, signature, batch) -> bool:
         return signature == self.signature and batch["edge_index"].shape[1] <= self.capacity
 
-    def load(self, batch) -> None:
+    def load(self, batch, cell_host) -> None:
         s = self.static
         e = batch["edge_index"].shape[1]
         with torch.no_grad():
@@ -131,7 +130,7 @@ class GraphStep:
             s["edge_index"][:, :e].copy_(batch["edge_index"])
             s["shifts"][:e].copy_(batch["shifts"])
             s["unit_shifts"][:e].copy_(batch["unit_shifts"])
-            write_null_edges(s["edge_index"], s["shifts"], s["unit_shifts"], e, self.num_atoms, self._cell_host,
+            write_null_edges(s["edge_index"], s["shifts"], s["unit_shifts"], e, self.num_atoms, cell_host,
                              self.r_max)
 
     def _call(self):
@@ -142,8 +141,7 @@ class GraphStep:
     def run(self, batch, cell_host) -> Dict[str, torch.Tensor]:
         """Load ``batch`` (``cell_host``: the cell as nested lists, for the null edges), capture on first use,
         replay; returns the static output tensors (overwritten by the next replay)."""
-        self._cell_host = cell_host
-        self.load(batch)
+        self.load(batch, cell_host)
         if self.graph is None:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
