@@ -1,4 +1,4 @@
-"""CPU smoke test of the benchmark scripts (benchmarks/bench_conv.py, benchmarks/bench_ase.py).
+"""CPU smoke test of the benchmark scripts (benchmarks/bench_conv.py, bench_ase.py, bench_sc.py).
 
 Runs their dry-run mode (tiny sizes) in this process and checks the JSON they write: its structure, that
 every implementation of ours was compared with e3nn before being timed, that a wrong implementation is
@@ -155,3 +155,20 @@ def test_bench_ase_dry_run(bench_ase, tmp_path, capsys):
             assert calcs[name]["error"]
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("== bench_ase") for line in lines[-12:])
+
+
+def test_bench_sc_dry_run(tmp_path):
+    bench_sc = _load("bench_sc")
+    out = tmp_path / "sc.json"
+    bench_sc.main(["--dry-run", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    rows = rep["results"]
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert len(ours) == 2 * 2  # two product blocks, two dtypes
+    for r in ours:  # checked element by element against mace's block before timing
+        assert r["status"] == "ok" and r["rel_err"] <= (1e-5 if r["dtype"] == "float32" else 1e-12), r
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+    for r in rows:
+        if r["impl"] == "cueq" and r["status"] != "ok":
+            assert r["status"] == "unavailable" and r["error"]
+    assert {q["peer"] for q in rep["ratios"]} >= {"e3nn"}
