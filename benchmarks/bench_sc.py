@@ -10,7 +10,8 @@ Implementations, all fed the same node features and element one-hots:
 
 Model: MACE-MP-0 medium's architecture (bench_ase.build_model: hidden 128x0e+128x1o, max_ell 3,
 correlation 3, one element), product blocks 0 (-> 128x0e+128x1o) and 1 (-> 128x0e), 2048 nodes.
-Modes: ``fwd`` (no autograd) and ``fwd_bwd`` (forward + gradient w.r.t. the node features, as for forces).
+Modes: ``fwd`` (no autograd) and ``fwd_bwd`` (forward + gradient w.r.t. the node features, as for forces;
+parameters frozen, as the ASE calculators run them, so no implementation computes weight gradients).
 Checks: each output is compared with e3nn's after sorting each row (layouts differ by a permutation within a
 node: cueq's ir_mul); ours is also compared element by element. CUDA events, warm-up, medians.
 
@@ -84,6 +85,10 @@ def main(argv=None) -> Dict[str, Any]:
                               "results": []}
     for dtype in (torch.float32, torch.float64):
         blocks = build_blocks(args, dtype, device)
+        for m in blocks.values():  # frozen, as in the ASE calculators: the backward is d/dx only (forces)
+            if isinstance(m, torch.nn.Module):
+                for prm in m.parameters():
+                    prm.requires_grad_(False)
         ref_model = blocks["e3nn"]
         for layer in range(len(ref_model.products)):
             ref_block = ref_model.products[layer]
