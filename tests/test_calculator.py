@@ -480,3 +480,14 @@ def test_gpu_cuda_graph_step_matches_eager(dtype):
     cl = _cluster(13, seed=41)  # new signature: re-captured, no stress
     a, b = _results(eager, cl), _results(graph, cl)
     np.testing.assert_allclose(b["forces"], a["forces"], rtol=rtol, atol=rtol * np.abs(a["forces"]).max())
+
+
+def test_null_unit_shift_is_beyond_the_cutoff():
+    from mace_accel.calculator.graph import NULL_EDGE_LENGTH_FACTOR, capacity_for, null_unit_shift
+
+    assert null_unit_shift([[0, 0, 0]] * 3, 5.0) == (None, (NULL_EDGE_LENGTH_FACTOR * 5.0, 0.0, 0.0))
+    cell = [[2.0, 0, 0], [0, 3.0, 0], [0, 0, 0]]  # 2-D periodic slab: the longest nonzero vector is used
+    unit, cart = null_unit_shift(cell, 5.0)
+    assert unit == (0, 4, 0) and cart == (0.0, 12.0, 0.0)
+    assert np.linalg.norm(np.array(unit) @ np.array(cell)) >= NULL_EDGE_LENGTH_FACTOR * 5.0
+    assert capacity_for(1) >= 1 and capacity_for(10000) >= 11500 and capacity_for(10000) % 4096 == 0

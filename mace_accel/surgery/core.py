@@ -184,7 +184,7 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
     Every supported interaction block becomes its accelerated subclass (see
     :mod:`mace_accel.surgery.blocks`): conv TP + scatter_sum fused into :class:`mace_accel.TensorProductConv`,
     the one-hot ``skip_tp`` replaced by an exact per-element linear map, and (``symmetric_contraction=True``)
-    every product-basis ``SymmetricContraction`` runs one generated kernel per pass
+    every product-basis ``SymmetricContraction`` runs generated kernels (forward, grad-x)
     (:mod:`mace_accel.surgery.symcon`). Weights are the same values under
     the same parameter names. ``dtype`` ("float32"/"float64"/torch dtype) and ``device`` cast/move the copy.
     cuEquivariance / OpenEquivariance models are first converted back to e3nn with mace's own tooling.

@@ -121,7 +121,7 @@ def accelerate_symmetric_contraction(sc: torch.nn.Module, check_inputs: bool = T
     sc._sc_load_hook = sc.register_load_state_dict_post_hook(_refresh_after_load)
     sc.__class__ = AcceleratedSymmetricContraction
     p = sc._sc_plan
-    return (f"mace SymmetricContraction -> one generated kernel per pass ({problem.describe()}; "
+    return (f"mace SymmetricContraction -> generated kernels, forward and grad-x ({problem.describe()}; "
             f"{len(p.monos)} monomials, {p.num_terms} terms)")
 
 

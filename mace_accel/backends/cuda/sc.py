@@ -1,6 +1,7 @@
 """Launch the generated symmetric-contraction kernels on PyTorch's current CUDA stream.
 
-Same functions and layouts as :mod:`mace_accel.backends.reference.sc`. Every output element is written by
+Same functions and layouts as :mod:`mace_accel.backends.reference.sc`. Forward and grad-x are generated
+kernels; grad-w (training only) runs the reference formula on the GPU (see ``backward``). Every output element is written by
 one thread with a plain store, so outputs are allocated uninitialised and the result is deterministic.
 """
 from __future__ import annotations
