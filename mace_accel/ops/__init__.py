@@ -24,14 +24,16 @@ from ..plan import get_plan
 _EMPTY = (0,)
 
 
+def backend_for(t: torch.Tensor, family: str = ""):
+    """The executor module for ``t``'s device: ``backends.cuda[.family]`` or ``backends.reference[.family]``."""
+    import importlib
+
+    name = "cuda" if t.is_cuda else "reference"
+    return importlib.import_module(f"..backends.{name}{'.' + family if family else ''}", __name__)
+
+
 def _backend(t: torch.Tensor):
-    if t.is_cuda:
-        from ..backends import cuda
-
-        return cuda
-    from ..backends import reference
-
-    return reference
+    return backend_for(t)
 
 
 @torch.library.custom_op("mace_accel::tp_fwd", mutates_args=())

@@ -21,13 +21,9 @@ _EMPTY = (0,)
 
 
 def _backend(t: torch.Tensor):
-    if t.is_cuda:
-        from ..backends.cuda import sc
+    from . import backend_for
 
-        return sc
-    from ..backends.reference import sc
-
-    return sc
+    return backend_for(t, "sc")
 
 
 @torch.library.custom_op("mace_accel::sc_fwd", mutates_args=())
