@@ -130,7 +130,9 @@ def convert_model(model: torch.nn.Module, *, dtype=None, to_plain: bool = False,
         original = ensure_e3nn(model)
         out, report = accelerate(original, dtype=dt, device=dev, strict=strict, report=True)
         n_rep = len([e for e in report.replaced if e.path.endswith("conv_tp")])
-        log(f"accelerated {n_rep} interaction block(s); {len(report.kept)} module(s) left as e3nn/mace")
+        n_sc = len([e for e in report.replaced if e.module == "SymmetricContraction"])
+        log(f"accelerated {n_rep} interaction block(s) and {n_sc} symmetric contraction(s); "
+            f"{len(report.kept)} module(s) left as e3nn/mace")
         for e in report.kept:
             if "unsupported" in e.detail:
                 log(f"warning: {e.path}: {e.detail}")
