@@ -491,3 +491,20 @@ def test_null_unit_shift_is_beyond_the_cutoff():
     assert unit == (0, 4, 0) and cart == (0.0, 12.0, 0.0)
     assert np.linalg.norm(np.array(unit) @ np.array(cell)) >= NULL_EDGE_LENGTH_FACTOR * 5.0
     assert capacity_for(1) >= 1 and capacity_for(10000) >= 11500 and capacity_for(10000) % 4096 == 0
+
+
+def test_graph_step_refuses_blocks_whose_padded_edges_may_not_vanish():
+    from mace_accel.calculator.graph import GraphStepUnsupported, check_model
+
+    class OtherBlock(torch.nn.Module):  # edge weights from something else than the radial embedding
+        def __init__(self):
+            super().__init__()
+            self.conv_tp = torch.nn.Identity()
+            self.conv_tp_weights = torch.nn.Identity()
+
+    model = torch.nn.Module()
+    model.interactions = torch.nn.ModuleList([OtherBlock()])
+    with pytest.raises(GraphStepUnsupported, match="interactions.0 is a OtherBlock"):
+        check_model(model)
+    c = MACEAccelCalculator(MODEL, device="cpu", accelerate=True)
+    check_model(c.model)  # the bundled model's blocks are allowed
