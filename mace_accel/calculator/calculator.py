@@ -25,6 +25,7 @@ from ase.data import chemical_symbols  # noqa: E402
 from ase.stress import full_3x3_to_voigt_6_stress  # noqa: E402
 
 from .gather import FastRowGather  # noqa: E402
+from .graph import AUTO_MAX_ATOMS, GraphStep, GraphStepUnsupported, capacity_for, check_model  # noqa: E402
 from .neighbours import check_cell, neighbour_list  # noqa: E402
 
 __all__ = ["MACEAccelCalculator", "build_batch", "load_model"]
@@ -186,8 +187,6 @@ class MACEAccelCalculator(Calculator):
         self._head_index = heads.index(head)
         self._node_cache: Optional[tuple] = None
 
-        from .graph import GraphStepUnsupported, check_model
-
         if cuda_graph not in (True, False, "auto"):
             raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
         use_graph = bool(cuda_graph) and self.device.type == "cuda" and not self.deterministic
@@ -316,8 +315,6 @@ class MACEAccelCalculator(Calculator):
 
     def _graph_call(self, batch, atoms, has_volume: bool):
         """The model call through a captured CUDA graph (see :mod:`mace_accel.calculator.graph`)."""
-        from .graph import GraphStep, capacity_for
-
         step = self._graph_step
         signature = (len(atoms), tuple(bool(p) for p in atoms.pbc), bool(has_volume))
         if step is None or not step.fits(signature, batch):
@@ -330,8 +327,6 @@ class MACEAccelCalculator(Calculator):
     def _use_graph(self, n: int) -> bool:
         if not self.cuda_graph:
             return False
-        from .graph import AUTO_MAX_ATOMS
-
         return self._cuda_graph_option is True or n <= AUTO_MAX_ATOMS
 
     def get_property(self, name, atoms=None, allow_calculation=True):

@@ -50,6 +50,10 @@ class SCPlan:
     def out_dim(self) -> int:
         return self.num_outputs * self.num_channels
 
+    def terms(self):
+        """(o, p, k, u) per term, as Python scalars, in plan order (by monomial, then output, then weight)."""
+        return zip(self.term_o.tolist(), self.term_p.tolist(), self.term_k.tolist(), self.term_u.tolist())
+
     @property
     def num_terms(self) -> int:
         return int(self.term_u.shape[0])

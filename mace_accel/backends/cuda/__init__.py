@@ -84,16 +84,24 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     warps = num_items * plan.num_chunks
     if warps == 0:
         return
-    import cupy
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = _function(plan, spec, index)
-    blocks = -(-warps // WARPS_PER_BLOCK)
-    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream, index)
+    index = device_index(device)
     args = tuple(_ptr(t) for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)) + (
         np.int64(num_edges), np.int64(num_items), np.int64(w_stride))
+    run_on_torch_stream(_function(plan, spec, index), device, -(-warps // WARPS_PER_BLOCK), THREADS_PER_BLOCK, args)
+
+
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def run_on_torch_stream(fn, device: torch.device, blocks: int, threads: int, args) -> None:
+    """Launch a compiled kernel on PyTorch's current stream of ``device`` (1-D grid)."""
+    import cupy
+
+    index = device_index(device)
+    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream, index)
     with cupy.cuda.Device(index):
-        fn((blocks,), (THREADS_PER_BLOCK,), args, stream=stream)
+        fn((blocks,), (threads,), args, stream=stream)
 
 
 def csr(keys: torch.Tensor, num_rows: int):

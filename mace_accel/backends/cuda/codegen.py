@@ -29,6 +29,15 @@ def template_text(name: str) -> str:
         return here.read_text()
 
 
+def fill_template(src: str, subs: Dict[str, str]) -> str:
+    """Replace every ``$$NAME$$`` of a kernel template; a placeholder left over is an error."""
+    for k, v in subs.items():
+        src = src.replace(f"$${k}$$", v)
+    if "$$" in src:
+        raise RuntimeError(f"unrendered placeholder in kernel template: {src[src.index('$$'):][:40]}")
+    return src
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """Everything that selects one generated kernel (besides the plan)."""
@@ -380,8 +389,4 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "EDGE_BODY": body.text(),
         "EDGE_UNROLL": str(_edge_unroll(plan, spec)),
     }
-    for k, v in subs.items():
-        src = src.replace(f"$${k}$$", v)
-    if "$$" in src:
-        raise RuntimeError(f"unrendered placeholder in kernel template: {src[src.index('$$'):][:40]}")
-    return {"name": prefix, "source": src}
+    return {"name": prefix, "source": fill_template(src, subs)}

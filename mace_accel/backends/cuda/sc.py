@@ -12,11 +12,8 @@ import numpy as np
 import torch
 
 from ...plan.sc import SCPlan
-from . import _cupy_stream, _ptr, compiled
+from . import _DTYPES, _ptr, compiled, device_index, run_on_torch_stream
 from .sc_codegen import KIND_SC_FORWARD, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec, render_sc
-
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-
 
 def _function(plan: SCPlan, spec: SCKernelSpec, device_index: int):
     return compiled(plan.key, spec, device_index, lambda: render_sc(plan, spec))
@@ -27,16 +24,9 @@ def _launch(plan: SCPlan, spec: SCKernelSpec, x: torch.Tensor, X, WN, G, OUT, DX
     items = n * plan.num_channels
     if items == 0:
         return
-    import cupy
-
-    device = x.device
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = _function(plan, spec, index)
-    blocks = -(-items // SC_THREADS_PER_BLOCK)
-    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream, index)
     args = tuple(_ptr(t) for t in (X, WN, G, OUT, DX, DW)) + (np.int64(n),)
-    with cupy.cuda.Device(index):
-        fn((blocks,), (SC_THREADS_PER_BLOCK,), args, stream=stream)
+    fn = _function(plan, spec, device_index(x.device))
+    run_on_torch_stream(fn, x.device, -(-items // SC_THREADS_PER_BLOCK), SC_THREADS_PER_BLOCK, args)
 
 
 def forward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 from ...plan.sc import SCPlan
 from ...plan.schedule import WARP_SIZE
-from .codegen import template_text
+from .codegen import fill_template, template_text
 
 KIND_SC_FORWARD, KIND_SC_GRAD_X, KIND_SC_GRAD_W = 0, 1, 2
 #: Threads per block: 4 warps, one (node, channel) each.
@@ -54,7 +54,7 @@ def _weighted(terms: List[Tuple[int, float]]) -> str:
 def _grouped(plan: SCPlan) -> Dict[int, Dict[int, List[Tuple[int, float]]]]:
     """mono p -> output o -> [(k, u)], in plan order."""
     by_p: Dict[int, Dict[int, List[Tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
-    for o, p, k, u in zip(plan.term_o.tolist(), plan.term_p.tolist(), plan.term_k.tolist(), plan.term_u.tolist()):
+    for o, p, k, u in plan.terms():
         by_p[p][o].append((k, u))
     return by_p
 
@@ -90,7 +90,7 @@ def _grad_w_body(plan: SCPlan, k_lo: int, k_hi: int) -> str:
     """dw[k] for k in [k_lo, k_hi) = sum over k's terms of u g_o monomial_p, one block per monomial (as the
     forward) with only this chunk's accumulators live."""
     by_p: Dict[int, List[Tuple[int, int, float]]] = defaultdict(list)
-    for o, p, k, u in zip(plan.term_o.tolist(), plan.term_p.tolist(), plan.term_k.tolist(), plan.term_u.tolist()):
+    for o, p, k, u in plan.terms():
         if k_lo <= k < k_hi:
             by_p[p].append((o, k, u))
     lines = [f"    scalar_t dw{k} = C(0.0);" for k in range(k_lo, k_hi)]
@@ -134,9 +134,4 @@ def render_sc(plan: SCPlan, spec: SCKernelSpec) -> Dict[str, str]:
         "STORE_DX": "\n".join(f"    dxp[{i}] = dx{i};" for i in range(L)),
         "GRAD_W": _grad_w_body(plan, spec.k_lo, spec.k_hi) if spec.kind == KIND_SC_GRAD_W else "",
     }
-    src = template_text("sym_contract.cu")
-    for key, val in subs.items():
-        src = src.replace(f"$${key}$$", val)
-    if "$$" in src:
-        raise RuntimeError("mace_accel: unreplaced placeholder in sym_contract.cu")
-    return {"name": name, "source": src}
+    return {"name": name, "source": fill_template(template_text("sym_contract.cu"), subs)}
