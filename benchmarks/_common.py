@@ -166,6 +166,23 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int,
             "reps": len(times), "warmup": warmup}
 
 
+def gpu_warmup(device: torch.device, seconds: float = 2.0) -> None:
+    """Keep the GPU busy for ``seconds`` before timing, so its clocks have left the idle state.
+
+    The first cell a benchmark times otherwise runs while the clocks ramp up (an idle H100 reports
+    345 MHz SM clock): our layer-0 float32 forward, always timed first, was bimodal between runs
+    (0.31 / 0.57 ms) while every later cell was steady."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(4096, 4096, device=device)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            a = torch.tanh(a @ a * 1e-3)
+        torch.cuda.synchronize(device)
+    del a
+
+
 def copy_bandwidth(device: torch.device, mib: int = 1024, reps: int = 20, warmup: int = 3) -> Dict[str, Any]:
     """Device-to-device copy of ``mib`` MiB; bandwidth counts the bytes read plus the bytes written."""
     n = mib * (1 << 20) // 4

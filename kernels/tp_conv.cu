@@ -2,7 +2,8 @@
 // Template rendered by mace_accel/backends/cuda/codegen.py; every $$NAME$$ is replaced there.
 //
 // Work decomposition (docs/design.md, "kernel plan"):
-//   * one warp owns one (work item, channel chunk) pair; lane = channel u within the chunk;
+//   * one warp owns one (work item, output part, channel chunk); lane = channel u within the chunk;
+//     a part is a set of whole output blocks (one part unless the lane state would not fit in registers);
 //   * a work item is a run of edges [p0, p1) in processing order (edge e = perm[p], or p);
 //       SEGMENTED = 1: item = one output row's CSR segment (deterministic: plain stores, fixed order);
 //       SEGMENTED = 0: item = EDGES_PER_WARP consecutive edges in processing order (receiver-sorted by the
@@ -37,95 +38,40 @@ typedef long long index_t;
 #define THREADS $$THREADS$$
 #define C(v) ((scalar_t)(v))
 
-extern "C" __global__ void __launch_bounds__(THREADS) $$NAME$$(
-    const scalar_t* __restrict__ X,      // [rows_x, D1]   node features (KIND 0, 1)
-    const scalar_t* __restrict__ Y,      // [E, D2]        edge attributes (spherical harmonics)
-    const scalar_t* __restrict__ W,      // [E, WN] or [WN] (w_stride = 0: shared weights)
-    const scalar_t* __restrict__ G,      // [rows_out, DO] gradient of the output (KIND 1, 2)
-    const index_t* __restrict__ sender,  // [E] or null (edge e reads row e)
-    const index_t* __restrict__ receiver,// [E] or null
-    const index_t* __restrict__ perm,    // [E] processing order or null (identity)
-    const index_t* __restrict__ seg_ptr, // [items + 1] CSR offsets (SEGMENTED) or null (one edge per item)
-    scalar_t* __restrict__ OUT,          // KIND 0: out [rows, DO]; KIND 1: dx [rows_x, D1]; KIND 2: dx
-    scalar_t* __restrict__ DY,           // KIND 1: [NCHUNK, E, D2] per-chunk partial sums
-    scalar_t* __restrict__ DW,           // KIND 1, 3: [E, WN]
-    const scalar_t* __restrict__ X2,     // KIND 3: ggx [rows_x, D1]
-    const scalar_t* __restrict__ Y2,     // KIND 3: ggy [E, D2]
-    const scalar_t* __restrict__ W2,     // KIND 3: ggw, same layout as W
-    scalar_t* __restrict__ OUT2,         // KIND 3: gradient w.r.t. gout [rows_out, DO]
-    const index_t num_edges, const index_t num_items, const index_t w_stride)
+#define NPART $$NPART$$
+
+#define CONV_PARAMS \
+    const scalar_t* __restrict__ X,          /* [rows_x, D1]   node features (KIND 0, 1) */ \
+    const scalar_t* __restrict__ Y,          /* [E, D2]        edge attributes (spherical harmonics) */ \
+    const scalar_t* __restrict__ W,          /* [E, WN] or [WN] (w_stride = 0: shared weights) */ \
+    const scalar_t* __restrict__ G,          /* [rows_out, DO] gradient of the output (KIND 1, 2) */ \
+    const index_t* __restrict__ sender,      /* [E] or null (edge e reads row e) */ \
+    const index_t* __restrict__ receiver,    /* [E] or null */ \
+    const index_t* __restrict__ perm,        /* [E] processing order or null (identity) */ \
+    const index_t* __restrict__ seg_ptr,     /* [items + 1] CSR offsets (SEGMENTED) or null (one edge per item) */ \
+    scalar_t* __restrict__ OUT,              /* KIND 0: out [rows, DO]; KIND 1: dx [rows_x, D1]; KIND 2: dx */ \
+    scalar_t* __restrict__ DY,               /* KIND 1: [NPART * NCHUNK, E, D2] partial sums per (part, chunk) */ \
+    scalar_t* __restrict__ DW,               /* KIND 1, 3: [E, WN] */ \
+    const scalar_t* __restrict__ X2,         /* KIND 3: ggx [rows_x, D1] */ \
+    const scalar_t* __restrict__ Y2,         /* KIND 3: ggy [E, D2] */ \
+    const scalar_t* __restrict__ W2,         /* KIND 3: ggw, same layout as W */ \
+    scalar_t* __restrict__ OUT2,             /* KIND 3: gradient w.r.t. gout [rows_out, DO] */ \
+    const index_t num_edges, const index_t num_items, const index_t w_stride
+#define CONV_ARGS X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2, num_edges, num_items, w_stride
+
+static_assert(SEGMENTED || EDGES_PER_WARP <= WARP_SIZE, "a run must fit in one batch of edges");
+
+$$PARTS$$
+
+extern "C" __global__ void __launch_bounds__(THREADS) $$NAME$$(CONV_PARAMS)
 {
     const int lane = threadIdx.x & (WARP_SIZE - 1);
     const index_t warp = ((index_t)blockIdx.x * THREADS + threadIdx.x) / WARP_SIZE;
-    const index_t item = warp / NCHUNK;
-    const int chunk = (int)(warp % NCHUNK);
+    // warps of one item are adjacent (its x, y and w rows are read by all its parts and chunks at once)
+    const index_t item = warp / (NPART * NCHUNK);
+    const int sub = (int)(warp % (NPART * NCHUNK));
     if (item >= num_items) return;  // whole warps exit together
-    const int u = chunk * WARP_SIZE + lane;
-
-#if SEGMENTED
-    const index_t p0 = seg_ptr ? seg_ptr[item] : item;
-    const index_t p1 = seg_ptr ? seg_ptr[item + 1] : item + 1;
-    index_t row = item;
-#else
-    const index_t p0 = item * EDGES_PER_WARP;
-    const index_t p1 = (p0 + EDGES_PER_WARP < num_edges) ? p0 + EDGES_PER_WARP : num_edges;
-    index_t row = -1;
-#endif
-
-$$SEGMENT_STATE$$
-
-#if SEGMENTED
-$$SEGMENT_LOAD$$
-#else
-    static_assert(EDGES_PER_WARP <= WARP_SIZE, "a run must fit in one batch of edges");
-#endif
-
-    // Edges are walked in batches of WARP_SIZE: lane q first loads the indices of edge base + q (one
-    // coalesced load per array instead of a dependent chain per edge), then they are broadcast by shuffle.
-    for (index_t base = p0; base < p1; base += WARP_SIZE) {
-        index_t my_e = 0, my_key = 0, my_other = 0;
-        if (base + lane < p1) {
-            my_e = perm ? perm[base + lane] : base + lane;
-#if KIND == 2
-            my_key = sender ? sender[my_e] : my_e;
-            my_other = receiver ? receiver[my_e] : my_e;
-#else
-            my_key = receiver ? receiver[my_e] : my_e;
-            my_other = sender ? sender[my_e] : my_e;
-#endif
-        }
-        const int batch = (p1 - base < WARP_SIZE) ? (int)(p1 - base) : WARP_SIZE;
-#pragma unroll $$EDGE_UNROLL$$
-        for (int q = 0; q < batch; ++q) {
-            const index_t e = __shfl_sync(0xffffffffu, my_e, q);
-            const index_t key = __shfl_sync(0xffffffffu, my_key, q);
-            const index_t other = __shfl_sync(0xffffffffu, my_other, q);
-#if !SEGMENTED
-            // a run is one warp's batch (EDGES_PER_WARP <= WARP_SIZE); flush when the next key differs
-            const index_t next_key = __shfl_sync(0xffffffffu, my_key, (q + 1) & (WARP_SIZE - 1));
-            const bool last_of_run = (q + 1 == batch) || (next_key != key);
-            if (key != row) {
-                row = key;
-$$SEGMENT_LOAD$$
-            }
-#endif
-            const scalar_t* __restrict__ y_row = Y + e * D2;
-            const scalar_t* __restrict__ w_row = W + e * w_stride;
-#if KIND == 3
-            const scalar_t* __restrict__ y2_row = Y2 + e * D2;
-            const scalar_t* __restrict__ w2_row = W2 + e * w_stride;
-#endif
-$$EDGE_BODY$$
-#if !SEGMENTED
-            if (last_of_run) {
-$$SEGMENT_END_ATOMIC$$
-$$SEGMENT_ZERO$$
-            }
-#endif
-        }
-    }
-
-#if SEGMENTED
-$$SEGMENT_END_STORE$$
-#endif
+    const int part = sub / NCHUNK;
+    const int chunk = sub % NCHUNK;
+$$PART_DISPATCH$$
 }

@@ -52,6 +52,23 @@ def test_mace_layers_cuda_vs_e3nn(layer, dtype, deterministic):
     _check(conv, tp64, x, y, w, s, r, dtype)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_parts_cuda_vs_e3nn(dtype, deterministic, monkeypatch):
+    """Every kernel kind forced to split its paths into many output parts (one warp each) still matches e3nn to
+    every derivative order."""
+    from mace_accel.backends.cuda import codegen
+
+    monkeypatch.setattr(codegen, "PART_MAX_LANE_WORDS", {k: 8 for k in codegen.PART_MAX_LANE_WORDS})
+    node, sh, mid, ins = mace_conv_args("large1", mul=40)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    for kind in (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE):
+        assert len(codegen.parts_for(conv.plan, kind, str(dtype)[6:], codegen.DX_ATOMIC)) > 2
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=3)
+    _check(conv, tp64, x, y, w, s, r, dtype)
+
+
 MUL_CASES = [  # (node irreps, sh lmax, target, irrep_norm, path_norm)
     ("8x0e+8x1o+8x4e", 4, "8x0e+8x1o+8x3o+8x4e+8x4o", "component", "element"),
     ("16x0e+16x1o+16x2e", 2, "16x0e+16x1o+16x2e+16x1e", "norm", "path"),

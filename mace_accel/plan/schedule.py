@@ -133,3 +133,31 @@ def build_plan(problem: TPProblem) -> TPPlan:
 _REGISTRY = PlanRegistry(build_plan, "tensor-product", "TensorProduct/TensorProductConv")
 register_plan = _REGISTRY.register
 get_plan = _REGISTRY.get
+
+
+def split_outputs(plan: TPPlan, max_lane_values: int) -> Tuple[Tuple[int, ...], ...]:
+    """Partition the paths into *parts* of whole output blocks, so that a lane's share of the output row
+    (the sum of the parts' block dimensions) stays within ``max_lane_values`` where a block allows it.
+
+    A kernel runs one warp per (item, part, chunk): every part re-reads the item's x and y rows (L2 hits) but
+    reads only its own paths' weights, so splitting costs little memory traffic and cuts the registers a lane
+    needs. Returns tuples of positions in ``plan.paths`` (plan order kept inside a part); one part when the
+    whole row fits. Blocks are dealt largest first to the lightest part, with the fewest parts that fit.
+    """
+    blocks: Dict[int, int] = {}
+    for p in plan.paths:
+        blocks[p.out_block] = p.do
+    total = sum(blocks.values())
+    if total <= max_lane_values or len(blocks) == 1:
+        return (tuple(range(len(plan.paths))),)
+    for n in range(min(len(blocks), max(2, -(-total // max_lane_values))), len(blocks) + 1):
+        loads = [0] * n
+        owner: Dict[int, int] = {}
+        for b, d in sorted(blocks.items(), key=lambda kv: (-kv[1], kv[0])):
+            k = min(range(n), key=lambda i: (loads[i], i))
+            owner[b] = k
+            loads[k] += d
+        if max(loads) <= max_lane_values:
+            break
+    parts = [tuple(i for i, p in enumerate(plan.paths) if owner[p.out_block] == k) for k in range(n)]
+    return tuple(p for p in parts if p)

@@ -16,7 +16,7 @@ import torch
 from ...plan import TPPlan
 from ...plan.schedule import EDGES_PER_WARP, WARPS_PER_BLOCK
 from .codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE, KIND_FORWARD, KIND_GRAD_X,
-                      THREADS_PER_BLOCK, KernelSpec, render)
+                      THREADS_PER_BLOCK, KernelSpec, parts_for, render)
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _FUNCS: Dict[Tuple[str, object, int], object] = {}
@@ -81,7 +81,7 @@ def _ptr(t) -> np.uint64:
 def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int, num_edges: int, w_stride: int,
             X=None, Y=None, W=None, G=None, sender=None, receiver=None, perm=None, seg_ptr=None,
             OUT=None, DY=None, DW=None, X2=None, Y2=None, W2=None, OUT2=None) -> None:
-    warps = num_items * plan.num_chunks
+    warps = num_items * plan.num_chunks * spec.num_parts
     if warps == 0:
         return
     index = device_index(device)
@@ -156,9 +156,21 @@ def _dtype(t: torch.Tensor) -> str:
 def _reduce_partials(plan: TPPlan, dy_part, dw_edge, w):
     """Sum the kernels' per-chunk dy partials, and the per-edge dw when the weights are shared (fixed order:
     deterministic). Either may be None (not asked for)."""
-    dy = None if dy_part is None else (dy_part[0] if plan.num_chunks == 1 else dy_part.sum(0))
+    dy = None if dy_part is None else (dy_part[0] if dy_part.shape[0] == 1 else dy_part.sum(0))
     dw = None if dw_edge is None else (dw_edge if w.dim() == 2 else dw_edge.sum(0))
     return dy, dw
+
+
+def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_NONE, need_dy: bool = False,
+          need_dw: bool = False, edges_per_warp: int = RUN_EDGES_PER_WARP) -> KernelSpec:
+    """The kernel spec for a launch, with the output parts the schedule picks for this plan and dtype."""
+    return KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
+                      parts_for(plan, kind, dt, dx_mode))
+
+
+def _dy_partials(plan: TPPlan, spec: KernelSpec, x, num_edges: int):
+    """[parts * chunks, E, D2] partial sums of the y gradient, one slice per (part, chunk) warp."""
+    return _alloc((spec.num_parts * plan.num_chunks, num_edges, plan.in2_dim), x, plan.unused_in2)
 
 
 def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministic: bool = False):
@@ -166,14 +178,14 @@ def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministi
     num_edges = y.shape[0]
     w_stride = plan.weight_numel if w.dim() == 2 else 0
     common = dict(X=x, Y=y, W=w, sender=sender, receiver=receiver)
+    spec = _spec(plan, KIND_FORWARD, dt, True)
     if receiver is None:  # plain tensor product: row e <- edge e
         out = _alloc((num_edges, plan.out_dim), x, plan.unused_out)
-        _launch(plan, KernelSpec(KIND_FORWARD, dt, True), dev, num_edges, num_edges, w_stride, OUT=out, **common)
-    else:  # one warp per (receiver segment, channel chunk): no atomics, and bitwise reproducible
+        _launch(plan, spec, dev, num_edges, num_edges, w_stride, OUT=out, **common)
+    else:  # one warp per (receiver segment, part, channel chunk): no atomics, and bitwise reproducible
         perm, seg = graph_csr(receiver, num_rows)
         out = _alloc((num_rows, plan.out_dim), x, plan.unused_out)
-        _launch(plan, KernelSpec(KIND_FORWARD, dt, True), dev, num_rows, num_edges, w_stride, OUT=out,
-                perm=perm, seg_ptr=seg, **common)
+        _launch(plan, spec, dev, num_rows, num_edges, w_stride, OUT=out, perm=perm, seg_ptr=seg, **common)
     return out
 
 
@@ -182,29 +194,31 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
     dt, dev = _dtype(x), x.device
     num_edges = y.shape[0]
     w_stride = plan.weight_numel if w.dim() == 2 else 0
-    dy_part = _alloc((plan.num_chunks, num_edges, plan.in2_dim), x, plan.unused_in2) if need_y else None
+    if receiver is None:  # plain tensor product
+        spec = _spec(plan, KIND_BACKWARD, dt, True, DX_STORE if need_x else DX_NONE, need_y, need_w)
+    elif deterministic:
+        spec = _spec(plan, KIND_BACKWARD, dt, True, DX_NONE, need_y, need_w)
+    else:
+        spec = _spec(plan, KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w)
+    dy_part = _dy_partials(plan, spec, x, num_edges) if need_y else None
     dw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev) if need_w else None
     common = dict(X=x, Y=y, W=w, G=gout, sender=sender, receiver=receiver, DY=dy_part, DW=dw_edge)
     dx = None
-    if receiver is None:  # plain tensor product
+    if receiver is None:
         dx = _alloc(x.shape, x, plan.unused_in1) if need_x else None
-        spec = KernelSpec(KIND_BACKWARD, dt, True, DX_STORE if need_x else DX_NONE, need_y, need_w)
         _launch(plan, spec, dev, num_edges, num_edges, w_stride, OUT=dx, **common)
     elif deterministic:
         if need_y or need_w:
             perm, seg = graph_csr(receiver, gout.shape[0])
-            spec = KernelSpec(KIND_BACKWARD, dt, True, DX_NONE, need_y, need_w)
             _launch(plan, spec, dev, gout.shape[0], num_edges, w_stride, perm=perm, seg_ptr=seg, **common)
         if need_x:
             dx = _alloc(x.shape, x, plan.unused_in1)
             perm, seg = graph_csr(sender, x.shape[0])
-            _launch(plan, KernelSpec(KIND_GRAD_X, dt, True), dev, x.shape[0], num_edges, w_stride,
+            _launch(plan, _spec(plan, KIND_GRAD_X, dt, True), dev, x.shape[0], num_edges, w_stride,
                     X=None, Y=y, W=w, G=gout, sender=sender, receiver=receiver, perm=perm, seg_ptr=seg, OUT=dx)
     else:
         dx = torch.zeros_like(x) if need_x else None
-        epw = RUN_EDGES_PER_WARP
-        spec = KernelSpec(KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w, epw)
-        items = -(-num_edges // epw)
+        items = -(-num_edges // spec.edges_per_warp)
         perm, _ = graph_csr(receiver, gout.shape[0])  # receiver-sorted runs: few reloads of gout rows
         _launch(plan, spec, dev, items, num_edges, w_stride, OUT=dx, perm=perm, **common)
     return (dx,) + _reduce_partials(plan, dy_part, dw_edge, w)
@@ -217,9 +231,18 @@ FUSED_DOUBLE_MAX_LANE_WORDS = 256
 
 
 def fused_double_fits(plan: TPPlan, dtype: torch.dtype) -> bool:
-    # acc + gout, x + ggx + gx, y + ggy + gy
-    words = 2 * plan.lane_out_dim + 3 * plan.lane_in1_dim + 3 * plan.in2_dim
-    return words * (2 if dtype == torch.float64 else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
+    """Whether every output part of the fused double-backward kernel keeps its lane state in registers:
+    acc + gout per output value, x + ggx + gx per in1 value, y + ggy + gy per in2 value."""
+    dt = _DTYPES.get(dtype, "float64")
+    parts = parts_for(plan, KIND_DOUBLE, dt, DX_ATOMIC) or (tuple(range(len(plan.paths))),)
+    words = 0
+    for part in parts:
+        paths = [plan.paths[i] for i in part]
+        out = sum({p.out_block: p.do for p in paths}.values())
+        in1 = sum({p.in1_block: p.d1 for p in paths}.values())
+        in2 = sum({p.in2_block: p.d2 for p in paths}.values())
+        words = max(words, 2 * out + 3 * in1 + 3 * in2)
+    return words * (2 if dt == "float64" else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
 
 
 def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver):
@@ -230,12 +253,11 @@ def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver
     w_stride = plan.weight_numel if w.dim() == 2 else 0
     gx = torch.zeros_like(x)
     gg = torch.zeros_like(gout)
-    gy_part = _alloc((plan.num_chunks, num_edges, plan.in2_dim), x, plan.unused_in2)
+    spec = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True)
+    gy_part = _dy_partials(plan, spec, x, num_edges)
     gw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev)
     perm, _ = graph_csr(receiver, gout.shape[0])
-    epw = RUN_EDGES_PER_WARP
-    spec = KernelSpec(KIND_DOUBLE, dt, False, DX_ATOMIC, True, True, epw)
-    _launch(plan, spec, dev, -(-num_edges // epw), num_edges, w_stride, X=x, Y=y, W=w, G=gout, sender=sender,
+    _launch(plan, spec, dev, -(-num_edges // spec.edges_per_warp), num_edges, w_stride, X=x, Y=y, W=w, G=gout, sender=sender,
             receiver=receiver, perm=perm, OUT=gx, DY=gy_part, DW=gw_edge, X2=ggx, Y2=ggy, W2=ggw, OUT2=gg)
     gy, gw = _reduce_partials(plan, gy_part, gw_edge, w)
     return gx, gy, gw, gg

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ...plan import TPPlan
-from ...plan.schedule import EDGES_PER_WARP, WARP_SIZE, WARPS_PER_BLOCK
+from ...plan.schedule import EDGES_PER_WARP, WARP_SIZE, WARPS_PER_BLOCK, split_outputs
 
 KIND_FORWARD, KIND_BACKWARD, KIND_GRAD_X, KIND_DOUBLE = 0, 1, 2, 3
 DX_NONE, DX_ATOMIC, DX_STORE = 0, 1, 2
@@ -49,21 +49,47 @@ class KernelSpec:
     need_dy: bool = False
     need_dw: bool = False
     edges_per_warp: int = EDGES_PER_WARP  # runs (atomic) variant only
+    #: output parts (positions in plan.paths, see plan.schedule.split_outputs); () = one part, every path
+    parts: Tuple[Tuple[int, ...], ...] = ()
+
+    @property
+    def num_parts(self) -> int:
+        return max(1, len(self.parts))
 
     def tag(self) -> str:
         return (f"k{self.kind}_{self.dtype[-2:]}_{'seg' if self.segmented else f'run{self.edges_per_warp}'}"
-                f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}")
+                f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}_p{self.num_parts}")
+
+
+#: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
+#: paths are split into output parts, one warp each (``plan.schedule.split_outputs``). Chosen from the
+#: device sweep in benchmarks/results/part_sweep_h100.txt (scripts/part_sweep.py, kernel ms one part -> 96):
+#: large layer-1 float64 forward 2.09 -> 1.70, backward 5.49 -> 4.95, double 32.4 -> 11.2 (3 parts); medium
+#: float64 double 4.98 -> 3.75; every kernel that already fits keeps one part (smaller budgets were slower).
+PART_MAX_LANE_WORDS = {KIND_FORWARD: 96, KIND_BACKWARD: 96, KIND_DOUBLE: 96}
+
+
+def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
+              max_words: Optional[int] = None) -> Tuple[Tuple[int, ...], ...]:
+    """The output parts a kernel of this kind runs with (``()``: one part). Kinds that store a per-edge or
+    per-sender row with plain stores (grad-x; backward with DX_STORE) need every path in one warp."""
+    if kind == KIND_GRAD_X or dx_mode == DX_STORE:
+        return ()
+    budget = PART_MAX_LANE_WORDS.get(kind, 1 << 30) if max_words is None else max_words
+    per_value = (2 if dtype == "float64" else 1) * (2 if kind == KIND_DOUBLE else 1)  # double: acc + gout
+    parts = split_outputs(plan, max(1, budget // per_value))
+    return () if len(parts) == 1 else parts
 
 
 def _lit(v: float) -> str:
     return f"C({v!r})"
 
 
-def _blocks(plan: TPPlan):
+def _blocks(paths):
     in1 = {}  # block -> (offset, d, mul)
     out = {}
     in2 = {}
-    for p in plan.paths:
+    for p in paths:
         in1[p.in1_block] = (p.in1_offset, p.d1, p.mul)
         out[p.out_block] = (p.out_offset, p.do, p.mul)
         in2[p.in2_block] = (p.in2_offset, p.d2)
@@ -106,12 +132,12 @@ def _y_loads(code: _Code, in2: Dict[int, tuple]):
             code(f"const scalar_t y{off + j} = y_row[{off + j}];")
 
 
-def _forward_body(plan: TPPlan, code: _Code, in1, in2):
+def _forward_body(paths, code: _Code, in1, in2):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
     _load_rows(code, "x", "x_row", in1)
-    for p in plan.paths:
+    for p in paths:
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
         for k, terms in _group(p, "k"):
@@ -126,21 +152,21 @@ def _t_terms(p, g_name):
             for i, terms in _group(p, "i")}
 
 
-def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
+def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
     _load_rows(code, "x", "x_row", in1)
     want_dx = spec.dx_mode != DX_NONE
-    if spec.need_dy:
-        for b, (off, d) in sorted(in2.items()):
+    if spec.need_dy:  # every column of every part's partial row is written (zero where the part adds nothing)
+        for b, (off, d) in sorted(all_in2.items()):
             for j in range(d):
                 code(f"scalar_t dy{off + j} = C(0);")
     if want_dx:
         for b, (off, d, mul) in sorted(in1.items()):
             for i in range(d):
                 code(f"scalar_t dx{b}_{i} = C(0);")
-    for p in plan.paths:
+    for p in paths:
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
         if want_dx or spec.need_dw:
@@ -159,7 +185,7 @@ def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
                 code(f"  dy{p.in2_offset + j} += w * ({expr});")
         code("}")
     if spec.need_dy:
-        _emit_dy_reduce(code, in2)
+        _emit_dy_reduce(code, in2, all_in2)
     if want_dx:
         base = "OUT + s * D1" if spec.dx_mode == DX_ATOMIC else "OUT + e * D1"
         code(f"scalar_t* __restrict__ dx_row = {base};")
@@ -174,12 +200,12 @@ def _backward_body(plan: TPPlan, spec: KernelSpec, code: _Code, in1, in2):
             code("}")
 
 
-def _grad_x_body(plan: TPPlan, code: _Code, in1, in2, out):
+def _grad_x_body(paths, code: _Code, in1, in2, out):
     code("const index_t r = other;  // receiver")
     code("const scalar_t* __restrict__ g_row = G + r * DO;")
     _y_loads(code, in2)
     _load_rows(code, "g", "g_row", out)
-    for p in plan.paths:
+    for p in paths:
         code(f"{{  // path {p.index}")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
         for i, expr in _t_terms(p, "g").items():
@@ -187,7 +213,7 @@ def _grad_x_body(plan: TPPlan, code: _Code, in1, in2, out):
         code("}")
 
 
-def _double_body(plan: TPPlan, code: _Code, in1, in2):
+def _double_body(paths, code: _Code, in1, in2, all_in2):
     """Fused double backward (KIND 3); see the kernel template's header for the four outputs."""
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
@@ -198,13 +224,13 @@ def _double_body(plan: TPPlan, code: _Code, in1, in2):
             code(f"const scalar_t yb{off + j} = y2_row[{off + j}];")
     _load_rows(code, "x", "x_row", in1)
     _load_rows(code, "xa", "xa_row", in1)
-    for b, (off, d) in sorted(in2.items()):
+    for b, (off, d) in sorted(all_in2.items()):
         for j in range(d):
             code(f"scalar_t dy{off + j} = C(0);")
     for b, (off, d, mul) in sorted(in1.items()):
         for i in range(d):
             code(f"scalar_t dx{b}_{i} = C(0);")
-    for p in plan.paths:
+    for p in paths:
         b1, o2 = p.in1_block, p.in2_offset
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
@@ -227,7 +253,7 @@ def _double_body(plan: TPPlan, code: _Code, in1, in2):
                               for i, k, c in terms)
             code(f"  dy{o2 + j} += {expr};")
         code("}")
-    _emit_dy_reduce(code, in2)
+    _emit_dy_reduce(code, in2, all_in2)
     code("scalar_t* __restrict__ dx_row = OUT + s * D1;")
     for b, (off, d, mul) in sorted(in1.items()):
         code(f"if (u < {mul}) {{")
@@ -236,16 +262,17 @@ def _double_body(plan: TPPlan, code: _Code, in1, in2):
         code("}")
 
 
-def _emit_dy_reduce(code: _Code, in2):
-    """Sum each lane's dy values over the warp and write this chunk's partial row.
+def _emit_dy_reduce(code: _Code, in2, all_in2):
+    """Sum each lane's dy values over the warp and write this (part, chunk)'s partial row: all of the plan's
+    columns (``all_in2``), zeros where this part's paths (``in2``) add nothing.
 
     With the used columns contiguous and at most WARP_SIZE of them (always, for MACE), a transposed
     reduction: at each shuffle round a lane keeps one half of its values and sends the other half, so P
     values (P = next power of two) cost P - 1 + (5 - log2 P) shuffles instead of 5 per value, and 16
     lanes write the 16 results in one coalesced store instead of lane 0 writing all of them.
     """
-    cols = [off + j for b, (off, d) in sorted(in2.items()) for j in range(d)]
-    code("scalar_t* __restrict__ dy_row = DY + ((index_t)chunk * num_edges + e) * D2;")
+    cols = [off + j for b, (off, d) in sorted(all_in2.items()) for j in range(d)]
+    code("scalar_t* __restrict__ dy_row = DY + ((index_t)(PART_ID * NCHUNK + chunk) * num_edges + e) * D2;")
     n = len(cols)
     if n > WARP_SIZE or cols != list(range(cols[0], cols[0] + n)):
         for c in cols:
@@ -316,30 +343,31 @@ UNROLL_MAX_ACC_WORDS = 32
 SMALL_FORWARD_UNROLL = 4
 
 
-def _edge_unroll(plan: TPPlan, spec: KernelSpec) -> int:
+def _edge_unroll(paths, spec: KernelSpec) -> int:
     if spec.kind != KIND_FORWARD:
         return 1
-    words = plan.lane_out_dim * (2 if spec.dtype == "float64" else 1)
+    words = sum(d for (_o, d, _m) in _blocks(paths)[2].values()) * (2 if spec.dtype == "float64" else 1)
     return SMALL_FORWARD_UNROLL if words <= UNROLL_MAX_ACC_WORDS else 1
 
 
-def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
-    """Returns {"name": kernel symbol, "source": CUDA C++}."""
-    in1, in2, out = _blocks(plan)
+def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) -> str:
+    """The device function of one output part (kernels/tp_conv_part.cuh) for the given paths."""
+    in1, in2, out = _blocks(paths)
+    all_in2 = _blocks(plan.paths)[1]
     body = _Code(8)
     if spec.kind == KIND_FORWARD:
-        _forward_body(plan, body, in1, in2)
+        _forward_body(paths, body, in1, in2)
         acc_blocks, row_dim = out, "DO"
     elif spec.kind == KIND_BACKWARD:
-        _backward_body(plan, spec, body, in1, in2)
+        _backward_body(paths, spec, body, in1, in2, all_in2)
         acc_blocks, row_dim = None, None
     elif spec.kind == KIND_GRAD_X:
-        _grad_x_body(plan, body, in1, in2, out)
+        _grad_x_body(paths, body, in1, in2, out)
         acc_blocks, row_dim = in1, "D1"
     elif spec.kind == KIND_DOUBLE:
         if spec.segmented:
             raise ValueError("the fused double backward runs over receiver-sorted runs (segmented=False)")
-        _double_body(plan, body, in1, in2)
+        _double_body(paths, body, in1, in2, all_in2)
         acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")
@@ -362,14 +390,43 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
         load, zero = "\n".join(g_lines), ""
         end_store = end_atomic = ""
+    return fill_template(template_text("tp_conv_part.cuh"), {
+        "NAME": name,
+        "PART": str(part),
+        "SEGMENT_STATE": state,
+        "SEGMENT_LOAD": load,
+        "SEGMENT_ZERO": zero,
+        "SEGMENT_END_STORE": end_store,
+        "SEGMENT_END_ATOMIC": end_atomic,
+        "EDGE_BODY": body.text(),
+        "EDGE_UNROLL": str(_edge_unroll(paths, spec)),
+    })
 
-    src = template_text("tp_conv.cu")
+
+def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
+    """Returns {"name": kernel symbol, "source": CUDA C++}."""
     prefix = f"mace_accel_tp_{plan.key[:12]}_{spec.tag()}"
+    parts = spec.parts or (tuple(range(len(plan.paths))),)
+    covered = sorted(i for part in parts for i in part)
+    if covered != list(range(len(plan.paths))):
+        raise ValueError(f"kernel parts {parts} do not cover each of the plan's {len(plan.paths)} paths once")
+    blocks_of = [{plan.paths[i].out_block for i in part} for part in parts]
+    if any(a & b for n, a in enumerate(blocks_of) for b in blocks_of[n + 1:]):
+        raise ValueError(f"kernel parts {parts} share an output block")
+    part_src = "\n".join(_render_part(plan, spec, [plan.paths[i] for i in part], n, prefix)
+                          for n, part in enumerate(parts))
+    if len(parts) == 1:
+        dispatch = f"    {prefix}_part0(CONV_ARGS, item, chunk, lane);"
+    else:
+        dispatch = "    switch (part) {\n" + "\n".join(
+            f"    case {n}: {prefix}_part{n}(CONV_ARGS, item, chunk, lane); break;" for n in range(len(parts))
+        ) + "\n    }"
     subs = {
         "NAME": prefix,
         "SCALAR": _SCALAR[spec.dtype],
         "WARP_SIZE": str(WARP_SIZE),
         "NCHUNK": str(plan.num_chunks),
+        "NPART": str(len(parts)),
         "EDGES_PER_WARP": str(spec.edges_per_warp),
         "SEGMENTED": str(int(spec.segmented)),
         "KIND": str(spec.kind),
@@ -381,12 +438,7 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "DO": str(plan.out_dim),
         "WN": str(plan.weight_numel),
         "THREADS": str(THREADS_PER_BLOCK),
-        "SEGMENT_STATE": state,
-        "SEGMENT_LOAD": load,
-        "SEGMENT_ZERO": zero,
-        "SEGMENT_END_STORE": end_store,
-        "SEGMENT_END_ATOMIC": end_atomic,
-        "EDGE_BODY": body.text(),
-        "EDGE_UNROLL": str(_edge_unroll(plan, spec)),
+        "PARTS": part_src,
+        "PART_DISPATCH": dispatch,
     }
-    return {"name": prefix, "source": fill_template(src, subs)}
+    return {"name": prefix, "source": fill_template(template_text("tp_conv.cu"), subs)}

@@ -1,0 +1,78 @@
+// mace_accel: one output part of the fused conv kernel (rendered once per part by codegen.py, then
+// included in tp_conv.cu). A part owns whole output blocks (all paths into them): its lane state is
+// only those blocks' accumulators / gradient rows, so a large problem splits into several light warps
+// instead of one warp whose state spills.
+__device__ __forceinline__ void $$NAME$$_part$$PART$$(CONV_PARAMS, const index_t item, const int chunk,
+                                                   const int lane)
+{
+    constexpr int PART_ID = $$PART$$;  // this part's slice of DY
+    (void)PART_ID;
+    const int u = chunk * WARP_SIZE + lane;
+
+#if SEGMENTED
+    const index_t p0 = seg_ptr ? seg_ptr[item] : item;
+    const index_t p1 = seg_ptr ? seg_ptr[item + 1] : item + 1;
+    index_t row = item;
+#else
+    const index_t p0 = item * EDGES_PER_WARP;
+    const index_t p1 = (p0 + EDGES_PER_WARP < num_edges) ? p0 + EDGES_PER_WARP : num_edges;
+    index_t row = -1;
+#endif
+
+$$SEGMENT_STATE$$
+
+#if SEGMENTED
+$$SEGMENT_LOAD$$
+#else
+    // EDGES_PER_WARP <= WARP_SIZE: a run is one batch of edges (static_assert in tp_conv.cu)
+#endif
+
+    // Edges are walked in batches of WARP_SIZE: lane q first loads the indices of edge base + q (one
+    // coalesced load per array instead of a dependent chain per edge), then they are broadcast by shuffle.
+    for (index_t base = p0; base < p1; base += WARP_SIZE) {
+        index_t my_e = 0, my_key = 0, my_other = 0;
+        if (base + lane < p1) {
+            my_e = perm ? perm[base + lane] : base + lane;
+#if KIND == 2
+            my_key = sender ? sender[my_e] : my_e;
+            my_other = receiver ? receiver[my_e] : my_e;
+#else
+            my_key = receiver ? receiver[my_e] : my_e;
+            my_other = sender ? sender[my_e] : my_e;
+#endif
+        }
+        const int batch = (p1 - base < WARP_SIZE) ? (int)(p1 - base) : WARP_SIZE;
+#pragma unroll $$EDGE_UNROLL$$
+        for (int q = 0; q < batch; ++q) {
+            const index_t e = __shfl_sync(0xffffffffu, my_e, q);
+            const index_t key = __shfl_sync(0xffffffffu, my_key, q);
+            const index_t other = __shfl_sync(0xffffffffu, my_other, q);
+#if !SEGMENTED
+            // a run is one warp's batch (EDGES_PER_WARP <= WARP_SIZE); flush when the next key differs
+            const index_t next_key = __shfl_sync(0xffffffffu, my_key, (q + 1) & (WARP_SIZE - 1));
+            const bool last_of_run = (q + 1 == batch) || (next_key != key);
+            if (key != row) {
+                row = key;
+$$SEGMENT_LOAD$$
+            }
+#endif
+            const scalar_t* __restrict__ y_row = Y + e * D2;
+            const scalar_t* __restrict__ w_row = W + e * w_stride;
+#if KIND == 3
+            const scalar_t* __restrict__ y2_row = Y2 + e * D2;
+            const scalar_t* __restrict__ w2_row = W2 + e * w_stride;
+#endif
+$$EDGE_BODY$$
+#if !SEGMENTED
+            if (last_of_run) {
+$$SEGMENT_END_ATOMIC$$
+$$SEGMENT_ZERO$$
+            }
+#endif
+        }
+    }
+
+#if SEGMENTED
+$$SEGMENT_END_STORE$$
+#endif
+}

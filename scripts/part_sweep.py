@@ -1,0 +1,104 @@
+"""Sweep: how many output parts should each conv kernel run with? (GPU machine)
+
+    python scripts/part_sweep.py [--budgets 0 96 64 48 32 24] [--configs layer0 medium1 large1]
+
+For each MACE-MP-0 layer config, dtype and kernel kind (forward, atomic backward, fused double backward) on
+the benchmark's Cu graph, sets the per-lane register budget (``codegen.PART_MAX_LANE_WORDS``; 0 = one part)
+and times the kernel call alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups).
+Every split result is compared with the one-part result (max relative difference, must be rounding only).
+Prints one line per (cell, budget): parts, ms, and the relative difference.
+"""
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+
+from mace_accel.backends import cuda as B  # noqa: E402
+from mace_accel.backends.cuda import codegen  # noqa: E402
+from mace_accel.plan import build_plan  # noqa: E402
+from mace_accel.problem import TPProblem  # noqa: E402
+from tp_cases import mace_conv_args  # noqa: E402
+
+ONE_PART = 1 << 30
+KINDS = {"fwd": codegen.KIND_FORWARD, "bwd": codegen.KIND_BACKWARD, "double": codegen.KIND_DOUBLE}
+
+
+def specs_for(plan, dt, budget):
+    kw = dict(max_words=budget or ONE_PART)
+    return [
+        codegen.KernelSpec(codegen.KIND_FORWARD, dt, True,
+                           parts=codegen.parts_for(plan, codegen.KIND_FORWARD, dt, **kw)),
+        codegen.KernelSpec(codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True,
+                           parts=codegen.parts_for(plan, codegen.KIND_BACKWARD, dt, codegen.DX_ATOMIC, **kw)),
+        codegen.KernelSpec(codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True,
+                           parts=codegen.parts_for(plan, codegen.KIND_DOUBLE, dt, codegen.DX_ATOMIC, **kw)),
+    ]
+
+
+def maxrel(a, b):
+    a = a if isinstance(a, (tuple, list)) else (a,)
+    b = b if isinstance(b, (tuple, list)) else (b,)
+    return max(float((p - q).abs().max() / q.abs().max().clamp_min(1e-300)) for p, q in zip(a, b) if q is not None)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", nargs="*", type=int, default=[0, 96, 64, 48, 32, 24])
+    ap.add_argument("--configs", nargs="*", default=["layer0", "medium1", "large1"])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
+    ap.add_argument("--kinds", nargs="*", default=list(KINDS))
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    gr = C.cu_graph(8, 6.0)
+    s = torch.as_tensor(gr["sender"], device=dev)
+    r = torch.as_tensor(gr["receiver"], device=dev)
+    n, e = int(gr["num_nodes"]), s.shape[0]
+    print(f"graph: {n} nodes, {e} edges; {torch.cuda.get_device_name()}", flush=True)
+    plans = {}
+    for cfg in a.configs:
+        node, sh, mid, ins = mace_conv_args(cfg)
+        plans[cfg] = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    # compile every variant first, in parallel (NVRTC; the disk cache makes reruns instant)
+    jobs = {(plans[c].key, sp) for c in a.configs for dt in a.dtypes for b in a.budgets
+            for sp in specs_for(plans[c], dt, b)}
+    plan_by_key = {p.key: p for p in plans.values()}
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda j: B._function(plan_by_key[j[0]], j[1], 0), sorted(jobs, key=str)))
+    print(f"compiled {len(jobs)} kernels", flush=True)
+    C.gpu_warmup(dev)
+    for cfg in a.configs:
+        plan = plans[cfg]
+        for dname in a.dtypes:
+            dtype = getattr(torch, dname)
+            x, ggx = (torch.randn(n, plan.in1_dim, device=dev, dtype=dtype) for _ in range(2))
+            y, ggy = (torch.randn(e, plan.in2_dim, device=dev, dtype=dtype) for _ in range(2))
+            w, ggw = (torch.randn(e, plan.weight_numel, device=dev, dtype=dtype) for _ in range(2))
+            g = torch.randn(n, plan.out_dim, device=dev, dtype=dtype)
+            calls = {
+                "fwd": lambda: B.forward(plan, x, y, w, s, r, n),
+                "bwd": lambda: B.backward(plan, x, y, w, g, s, r, True, True, True),
+                "double": lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r),
+            }
+            for kname in a.kinds:
+                kind = KINDS[kname]
+                ref = None
+                for budget in a.budgets:
+                    codegen.PART_MAX_LANE_WORDS[kind] = budget or ONE_PART
+                    parts = codegen.parts_for(plan, kind, dname, codegen.DX_ATOMIC)
+                    res = calls[kname]()
+                    diff = 0.0 if ref is None else maxrel(res, ref)
+                    ref = res if ref is None else ref
+                    t = C.time_fn(calls[kname], dev, 3, 20)["median_ms"]
+                    print(f"{cfg:8s} {dname} {kname:6s} budget {budget:4d} parts {max(1, len(parts))} "
+                          f"{[len(p) for p in parts]!s:22s} {t:8.3f} ms  maxrel vs 1 part {diff:.1e}", flush=True)
+                    del res
+                codegen.PART_MAX_LANE_WORDS[kind] = ONE_PART
+
+
+if __name__ == "__main__":
+    main()
