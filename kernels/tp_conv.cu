@@ -63,7 +63,7 @@ static_assert(SEGMENTED || EDGES_PER_WARP <= WARP_SIZE, "a run must fit in one b
 
 $$PARTS$$
 
-extern "C" __global__ void __launch_bounds__(THREADS) $$NAME$$(CONV_PARAMS)
+extern "C" __global__ void __launch_bounds__($$LAUNCH_BOUNDS$$) $$NAME$$(CONV_PARAMS)
 {
     const int lane = threadIdx.x & (WARP_SIZE - 1);
     const index_t warp = ((index_t)blockIdx.x * THREADS + threadIdx.x) / WARP_SIZE;

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ops import tp_fwd
+from ..ops import tp_forward
 from ..plan import register_plan
 from ..problem import TPProblem
 
@@ -136,7 +136,7 @@ class TensorProductConv(_TPBase):
                     _check_index_range(name, idx, bound)
             if num_nodes < 0:
                 raise ValueError(f"num_nodes must be >= 0, got {num_nodes}")
-        return tp_fwd(x.contiguous(), y.contiguous(), w.contiguous(), sender.long().contiguous(),
+        return tp_forward(x.contiguous(), y.contiguous(), w.contiguous(), sender.long().contiguous(),
                       receiver.long().contiguous(), num_nodes, self.plan.key, self.deterministic)
 
 
@@ -148,5 +148,5 @@ class TensorProduct(_TPBase):
             self._check_xyw(x, y, w)
             if x.shape[0] != y.shape[0]:
                 raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}; they must match")
-        return tp_fwd(x.contiguous(), y.contiguous(), w.contiguous(), None, None, x.shape[0], self.plan.key,
+        return tp_forward(x.contiguous(), y.contiguous(), w.contiguous(), None, None, x.shape[0], self.plan.key,
                       self.deterministic)

@@ -15,6 +15,7 @@ import torch
 
 from ...plan import TPPlan
 from ...plan.schedule import EDGES_PER_WARP, WARPS_PER_BLOCK
+from . import codegen
 from .codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE, KIND_FORWARD, KIND_GRAD_X,
                       THREADS_PER_BLOCK, KernelSpec, parts_for, render)
 
@@ -161,11 +162,21 @@ def _reduce_partials(plan: TPPlan, dy_part, dw_edge, w):
     return dy, dw
 
 
+_SPECS: Dict[tuple, KernelSpec] = {}
+
+
 def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_NONE, need_dy: bool = False,
           need_dw: bool = False, edges_per_warp: int = RUN_EDGES_PER_WARP) -> KernelSpec:
-    """The kernel spec for a launch, with the output parts the schedule picks for this plan and dtype."""
-    return KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-                      parts_for(plan, kind, dt, dx_mode))
+    """The kernel spec for a launch, with the output parts the schedule picks for this plan and dtype
+    (memoised: this runs on every call, and splitting the paths is Python work)."""
+    min_blocks = codegen.MIN_BLOCKS_PER_SM.get((kind, dt), 0)
+    key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
+           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
+                                        parts_for(plan, kind, dt, dx_mode), min_blocks)
+    return spec
 
 
 def _dy_partials(plan: TPPlan, spec: KernelSpec, x, num_edges: int):
@@ -234,7 +245,7 @@ def fused_double_fits(plan: TPPlan, dtype: torch.dtype) -> bool:
     """Whether every output part of the fused double-backward kernel keeps its lane state in registers:
     acc + gout per output value, x + ggx + gx per in1 value, y + ggy + gy per in2 value."""
     dt = _DTYPES.get(dtype, "float64")
-    parts = parts_for(plan, KIND_DOUBLE, dt, DX_ATOMIC) or (tuple(range(len(plan.paths))),)
+    parts = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True).parts or (tuple(range(len(plan.paths))),)
     words = 0
     for part in parts:
         paths = [plan.paths[i] for i in part]

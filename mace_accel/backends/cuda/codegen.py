@@ -51,6 +51,8 @@ class KernelSpec:
     edges_per_warp: int = EDGES_PER_WARP  # runs (atomic) variant only
     #: output parts (positions in plan.paths, see plan.schedule.split_outputs); () = one part, every path
     parts: Tuple[Tuple[int, ...], ...] = ()
+    #: __launch_bounds__ minimum resident blocks per SM (0: no register cap), see MIN_BLOCKS_PER_SM
+    min_blocks: int = 0
 
     @property
     def num_parts(self) -> int:
@@ -58,7 +60,8 @@ class KernelSpec:
 
     def tag(self) -> str:
         return (f"k{self.kind}_{self.dtype[-2:]}_{'seg' if self.segmented else f'run{self.edges_per_warp}'}"
-                f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}_p{self.num_parts}")
+                f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}_p{self.num_parts}"
+                + (f"_mb{self.min_blocks}" if self.min_blocks else ""))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -67,6 +70,12 @@ class KernelSpec:
 #: large layer-1 float64 forward 2.09 -> 1.70, backward 5.49 -> 4.95, double 32.4 -> 11.2 (3 parts); medium
 #: float64 double 4.98 -> 3.75; every kernel that already fits keeps one part (smaller budgets were slower).
 PART_MAX_LANE_WORDS = {KIND_FORWARD: 96, KIND_BACKWARD: 96, KIND_DOUBLE: 96}
+
+
+#: (kind, dtype) -> minimum resident blocks per SM asked of the compiler (caps registers per thread at
+#: 65536 / (blocks * THREADS_PER_BLOCK)). A forward walks one receiver segment per warp, all in about one
+#: go: with 71 registers (layer 0, float32) 28 warps fit per SM, so 2048 x 4 warps take 2.2 waves (3 rounds).
+MIN_BLOCKS_PER_SM: Dict[Tuple[int, str], int] = {}
 
 
 def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
@@ -335,19 +344,21 @@ def _acc_flush(blocks, row_dim: str, atomic: bool) -> str:
 
 
 #: Forward kernels whose per-lane accumulators fit in this many 32-bit registers walk SMALL_FORWARD_UNROLL
-#: edges per loop iteration (more loads in flight per warp). Measured on the H100
-#: (benchmarks/results/unroll_sweep_h100.txt, forward ms for unroll 1/2/4/8): layer 0 (16 accumulators)
-#: float32 0.39/0.37/0.31/0.45, float64 0.55/0.47/0.39/0.41; medium layer 1 (40) float32
-#: 0.50/0.65/0.77/0.65 and large (71) are fastest without unrolling.
+#: edges per loop iteration (more loads in flight per warp). Measured on the H100, forward kernel alone:
+#: layer 0 (16 accumulators) float32 unroll 2/3/4 0.186/0.177/0.228 ms (unroll 4 needs 71 registers: 28
+#: warps per SM and 3 rounds of warps instead of 2), float64 0.384/0.425/0.294 ms
+#: (benchmarks/results/occupancy_sweep_h100.txt); medium layer 1 (40) and large (71) are fastest without
+#: unrolling (unroll_sweep_h100.txt). Unroll 3 gave WRONG results (float32 rel err 0.19 against e3nn in
+#: bench_conv_L0_h100_v6.json; float64 differed too) while 2 and 4 agree bitwise: not used, cause not found.
 UNROLL_MAX_ACC_WORDS = 32
-SMALL_FORWARD_UNROLL = 4
+SMALL_FORWARD_UNROLL = {"float32": 2, "float64": 4}
 
 
 def _edge_unroll(paths, spec: KernelSpec) -> int:
     if spec.kind != KIND_FORWARD:
         return 1
     words = sum(d for (_o, d, _m) in _blocks(paths)[2].values()) * (2 if spec.dtype == "float64" else 1)
-    return SMALL_FORWARD_UNROLL if words <= UNROLL_MAX_ACC_WORDS else 1
+    return SMALL_FORWARD_UNROLL[spec.dtype] if words <= UNROLL_MAX_ACC_WORDS else 1
 
 
 def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) -> str:
@@ -439,6 +450,7 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "WN": str(plan.weight_numel),
         "THREADS": str(THREADS_PER_BLOCK),
         "PARTS": part_src,
+        "LAUNCH_BOUNDS": f"THREADS, {spec.min_blocks}" if spec.min_blocks else "THREADS",
         "PART_DISPATCH": dispatch,
     }
     return {"name": prefix, "source": fill_template(template_text("tp_conv.cu"), subs)}
