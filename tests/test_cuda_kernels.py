@@ -202,6 +202,27 @@ def test_million_edge_graph(deterministic):
     assert rel(out.double(), ref) < 1e-5
 
 
+@pytest.mark.parametrize("num_rows,num_edges", [(1, 1), (7, 0), (50, 700), (3000, 200000)])
+def test_unordered_csr_groups_every_edge_once(num_rows, num_edges):
+    """csr_unordered (atomic variant): the same row pointers as the stable sort, and each row's segment holds
+    exactly that row's edges (in arrival order); an out-of-range key is skipped, never written."""
+    from mace_accel.backends import cuda as B
+
+    keys = torch.randint(0, num_rows, (num_edges,), device=DEV)
+    keys[: num_edges // 3] = keys[: num_edges // 3].sort().values  # sorted and unsorted stretches
+    perm, seg = B.csr_unordered(keys, num_rows)
+    perm_s, seg_s = B.csr(keys, num_rows)
+    assert torch.equal(seg, seg_s)
+    assert torch.equal(perm.sort().values, torch.arange(num_edges, device=DEV))
+    rows = torch.repeat_interleave(torch.arange(num_rows, device=DEV), seg[1:] - seg[:-1])
+    assert torch.equal(keys[perm], rows)
+    if num_edges:
+        bad = keys.clone()
+        bad[0] = num_rows + 5
+        perm_b, seg_b = B.csr_unordered(bad, num_rows)
+        assert int(seg_b[-1]) == num_edges - 1 and 0 not in set(perm_b[: num_edges - 1].tolist())
+
+
 def test_empty_graph_cuda():
     node, sh, mid, ins = mace_conv_args("medium1", mul=32)
     for det in (False, True):

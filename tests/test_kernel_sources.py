@@ -105,3 +105,22 @@ def test_render_refuses_parts_that_do_not_partition():
         render(plan, KernelSpec(KIND_FORWARD, "float32", True, parts=(tuple(range(n - 1)),)))
     with pytest.raises(ValueError, match="cover"):
         render(plan, KernelSpec(KIND_FORWARD, "float32", True, parts=(tuple(range(n)), (0,))))
+
+
+def test_csr_source_compiles(tmp_path):
+    compiler = _compiler()
+    if compiler is None:
+        pytest.skip("neither nvcc nor NVRTC is available on this machine")
+    from mace_accel.backends.cuda.codegen import fill_template, template_text
+
+    src = fill_template(template_text("csr.cu"), {"NAME": "mace_accel_csr"})
+    if compiler == "nvrtc":
+        from mace_accel.backends.cuda.compiler import nvrtc_compile
+
+        assert nvrtc_compile(src, "mace_accel_csr_count", "sm_90")
+        return
+    path = tmp_path / "csr.cu"
+    path.write_text(src)
+    p = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(path.with_suffix(".cubin")), str(path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
