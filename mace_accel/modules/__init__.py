@@ -112,10 +112,12 @@ class TensorProductConv(_TPBase):
     ``out[r] = sum over edges e with receiver[e] == r of TP(x[sender[e]], y[e], w[e])``.
     ``num_nodes`` defaults to ``x.shape[0]``.
 
-    On the GPU the forward pass always reduces each receiver's messages in a fixed order (edges are sorted by
-    receiver once per graph and the order is memoised). ``deterministic=True`` makes the backward pass
-    bitwise reproducible as well (dx is reduced per sender in a second pass); ``False`` scatters dx with
-    atomics, which is faster.
+    On the GPU each receiver's messages are reduced by one warp (no atomics in the forward pass); the
+    receiver grouping of the edges is built once per graph and memoised. ``deterministic=True`` makes every
+    pass bitwise reproducible: edges are grouped by a stable sort (fixed order inside a row) and dx is
+    reduced per sender in a second pass. ``False`` (default) is faster: the grouping is built with atomics
+    (the order inside a row, and so the last bits of the forward, may differ between runs) and dx is
+    scattered with atomics.
     """
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, sender: torch.Tensor,
