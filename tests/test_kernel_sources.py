@@ -121,6 +121,6 @@ def test_csr_source_compiles(tmp_path):
         return
     path = tmp_path / "csr.cu"
     path.write_text(src)
-    p = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(path.with_suffix(".cubin")), str(path)],
-                       capture_output=True, text=True)
+    p = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(path.with_suffix(".cubin")),
+                        str(path)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -110,11 +110,10 @@ CSR_THREADS = 256
 
 
 def _csr_function(suffix: str, device_index: int):
-    from .codegen import fill_template, template_text
-
     name = "mace_accel_csr"
     return compiled("csr", suffix, device_index, lambda: {
-        "name": f"{name}_{suffix}", "source": fill_template(template_text("csr.cu"), {"NAME": name})})
+        "name": f"{name}_{suffix}",
+        "source": codegen.fill_template(codegen.template_text("csr.cu"), {"NAME": name})})
 
 
 def csr_unordered(keys: torch.Tensor, num_rows: int):
@@ -124,11 +123,11 @@ def csr_unordered(keys: torch.Tensor, num_rows: int):
     if keys.dtype != torch.int64 or not keys.is_contiguous():
         keys = keys.to(torch.int64).contiguous()
     n, dev = keys.shape[0], keys.device
-    counters = torch.zeros(2 * num_rows + 1, dtype=torch.int32, device=dev)  # counts[rows + 1], cursor[rows]
-    counts, cursor = counters[:num_rows + 1], counters[num_rows + 1:]
     perm = torch.empty(n, dtype=torch.int64, device=dev)
     if n == 0:
         return perm, torch.zeros(num_rows + 1, dtype=torch.int64, device=dev)
+    counters = torch.zeros(2 * num_rows + 1, dtype=torch.int32, device=dev)  # counts[rows + 1], cursor[rows]
+    counts, cursor = counters[:num_rows + 1], counters[num_rows + 1:]
     index = device_index(dev)
     blocks = -(-n // CSR_THREADS)
     args = (np.int64(n), np.int64(num_rows))
@@ -229,7 +228,8 @@ def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministi
     if receiver is None:  # plain tensor product: row e <- edge e
         out = _alloc((num_edges, plan.out_dim), x, plan.unused_out)
         _launch(plan, spec, dev, num_edges, num_edges, w_stride, OUT=out, **common)
-    else:  # one warp per (receiver segment, part, channel chunk): no atomics, and bitwise reproducible
+    else:  # one warp per (receiver segment, part, channel chunk): no atomics; bitwise reproducible when the
+        # grouping is stable (deterministic), else the order inside a row follows csr_unordered's atomics
         perm, seg = graph_csr(receiver, num_rows, stable=deterministic)
         out = _alloc((num_rows, plan.out_dim), x, plan.unused_out)
         _launch(plan, spec, dev, num_rows, num_edges, w_stride, OUT=out, perm=perm, seg_ptr=seg, **common)
@@ -304,7 +304,8 @@ def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver
     gy_part = _dy_partials(plan, spec, x, num_edges)
     gw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev)
     perm, _ = graph_csr(receiver, gout.shape[0], stable=False)
-    _launch(plan, spec, dev, -(-num_edges // spec.edges_per_warp), num_edges, w_stride, X=x, Y=y, W=w, G=gout, sender=sender,
-            receiver=receiver, perm=perm, OUT=gx, DY=gy_part, DW=gw_edge, X2=ggx, Y2=ggy, W2=ggw, OUT2=gg)
+    _launch(plan, spec, dev, -(-num_edges // spec.edges_per_warp), num_edges, w_stride, X=x, Y=y, W=w, G=gout,
+            sender=sender, receiver=receiver, perm=perm, OUT=gx, DY=gy_part, DW=gw_edge, X2=ggx, Y2=ggy, W2=ggw,
+            OUT2=gg)
     gy, gw = _reduce_partials(plan, gy_part, gw_edge, w)
     return gx, gy, gw, gg

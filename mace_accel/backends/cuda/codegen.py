@@ -73,8 +73,9 @@ PART_MAX_LANE_WORDS = {KIND_FORWARD: 96, KIND_BACKWARD: 96, KIND_DOUBLE: 96}
 
 
 #: (kind, dtype) -> minimum resident blocks per SM asked of the compiler (caps registers per thread at
-#: 65536 / (blocks * THREADS_PER_BLOCK)). A forward walks one receiver segment per warp, all in about one
-#: go: with 71 registers (layer 0, float32) 28 warps fit per SM, so 2048 x 4 warps take 2.2 waves (3 rounds).
+#: 65536 / (blocks * THREADS_PER_BLOCK)). Empty: capping registers spilled for every kernel that would gain
+#: occupancy, except layer 0 float32, where unroll 2 reaches the same 64 registers without spills
+#: (scripts/occupancy_sweep.py). Kept for sweeps on other GPUs and problems.
 MIN_BLOCKS_PER_SM: Dict[Tuple[int, str], int] = {}
 
 
