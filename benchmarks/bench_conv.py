@@ -58,6 +58,21 @@ MODES = ("fwd", "fwd_bwd", "double")
 IMPLS = ("e3nn", "ours", "ours_det", "cueq", "oeq", "oeq_det")
 PEER_OF = {"cueq": "cueq", "oeq": "oeq", "oeq_det": "oeq", "ours": "ours", "ours_det": "ours", "e3nn": "e3nn"}
 GRAD_NAMES = {"fwd": ("out",), "fwd_bwd": ("dx", "dy", "dw"), "double": ("ddx", "ddy", "ddw")}
+#: Issue 2's targets: ours at least 1.5x (fwd, fwd_bwd) / 1.3x (double) faster than the fastest of these peers.
+FAST_PEERS = ("cueq", "oeq", "oeq_det")
+TARGET_RATIO = {"fwd": 1 / 1.5, "fwd_bwd": 1 / 1.5, "double": 1 / 1.3}
+
+
+def target_check(rat: Dict[str, Any]) -> Dict[str, Any]:
+    """From one ratio row (ours/peer for verified timings): the fastest verified peer, ours / that peer, the
+    target and whether it is met. Empty when no fast peer has a verified timing in this cell."""
+    peers = {p: rat[f"ours/{p}"] for p in FAST_PEERS if f"ours/{p}" in rat}
+    if not peers:
+        return {}
+    fastest = max(peers, key=peers.get)  # largest ours/peer = the peer with the smallest time
+    target = TARGET_RATIO[rat["mode"]]
+    return {"fastest_peer": fastest, "ours/fastest_peer": peers[fastest], "target": target,
+            "target_met": peers[fastest] <= target}
 
 
 # ================================================================================================ layout
@@ -626,6 +641,7 @@ def run_config_dtype(args, report, cfg, cfg_name, dt_name, graph, device, copy_b
             for peer in ("e3nn", "cueq", "oeq", "oeq_det"):
                 if mine in got and peer in got:
                     rat[f"{mine}/{peer}"] = got[mine]["median_ms"] / got[peer]["median_ms"]
+        rat.update(target_check(rat))
         report["ratios"].append(rat)
     bound_full.clear()
     binders.clear()
@@ -788,6 +804,11 @@ def print_table(report: Dict[str, Any]):
                      + (f" {r.get('error', '')[:110]}" if r.get("error") else ""))
     if len(errs) > 12:
         lines.append(f"  ... {len(errs) - 12} more failures in the JSON")
+    checked = [r for r in report["ratios"] if "target_met" in r]
+    if checked:
+        met = sum(r["target_met"] for r in checked)
+        lines.append(f"  issue-2 targets (ours/fastest of {', '.join(FAST_PEERS)} <= 0.67 fwd and fwd_bwd, <= 0.77 "
+                     f"double): met in {met} of {len(checked)} cells (r:best, +: met)")
     g = report["graph"]
     dev = report["env"].get("gpu", report["env"]["device"])
     n_e = g["num_edges"]
@@ -796,7 +817,7 @@ def print_table(report: Dict[str, Any]):
             f"bw; r: time ours/peer, rd: ours_det/oeq_det (<1: ours faster)")
     cols = "".join(f"{i:>9s}" for i in impls)
     hdr = f"{'cfg':4s} {'dt':3s} {'mode':8s}|{cols} | {'GB/s':>5s} {'%cp':>4s} {'%cpD':>4s} {'TF/s':>5s} |" \
-          f" {'r:e3nn':>6s} {'r:cueq':>6s} {'r:oeq':>6s} {'rd:oeqd':>7s}"
+          f" {'r:e3nn':>6s} {'r:cueq':>6s} {'r:oeq':>6s} {'rd:oeqd':>7s} {'r:best':>7s}"
     table = [head, hdr, "-" * len(hdr)]
     for cfg in report["configs"]:
         for dt in report["args"]["dtypes"]:
@@ -814,7 +835,8 @@ def print_table(report: Dict[str, Any]):
                     v = ra.get(k)
                     return f"{v:{w}.2f}" if v is not None else f"{'-':>{w}s}"
                 table.append(f"{cfg:4s} {dt.replace('float', 'f'):3s} {mode:8s}|{cells} | {perf} |"
-                             f" {fr('ours/e3nn')} {fr('ours/cueq')} {fr('ours/oeq')} {fr('ours_det/oeq_det', 7)}")
+                             f" {fr('ours/e3nn')} {fr('ours/cueq')} {fr('ours/oeq')} {fr('ours_det/oeq_det', 7)}"
+                             f" {fr('ours/fastest_peer')}{'+' if ra.get('target_met') else ' '}")
     print("\n".join(lines + table), flush=True)
 
 

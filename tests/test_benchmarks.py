@@ -66,6 +66,18 @@ def test_byte_and_flop_model(bench_conv):
     assert fpe and bench_conv.count_flops(cfg, e, "fwd_bwd") == e * (fpe["forward"] + fpe["backward"])
 
 
+def test_target_check(bench_conv):
+    """The issue-2 verdict of a cell uses the fastest verified peer (largest ours/peer) and the mode's target."""
+    row = {"config": "L0", "dtype": "float32", "mode": "fwd", "ours/e3nn": 0.1, "ours/cueq": 0.5, "ours/oeq": 0.4,
+           "ours/oeq_det": 0.66}
+    got = bench_conv.target_check(row)
+    assert got["fastest_peer"] == "oeq_det" and got["ours/fastest_peer"] == 0.66 and got["target_met"]
+    got = bench_conv.target_check({**row, "mode": "fwd_bwd", "ours/cueq": 0.7})
+    assert got["fastest_peer"] == "cueq" and not got["target_met"]
+    assert bench_conv.target_check({**row, "mode": "double", "ours/cueq": 0.76})["target_met"]
+    assert bench_conv.target_check({"mode": "fwd", "ours/e3nn": 0.1}) == {}  # e3nn is not a target peer
+
+
 def test_bench_conv_dry_run(bench_conv, tmp_path, monkeypatch, capsys):
     """All modes on the layer-1 config; "ours_det" deliberately broken; the double-backward reference
     made to "fail" so the sub-graph check path runs."""
