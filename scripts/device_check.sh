@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call that re-checks and re-measures everything GPU-side (run from the project root on the GPU
 # machine, after `../shared/device/fetch-wheels.sh` here; carry .device):
-#     source .device/setup.sh && bash scripts/device_check.sh [tests|conv|ase|all]
+#     source .device/setup.sh && bash scripts/device_check.sh [tests|conv|ase|all|probes]
 # Writes under $OUT (or benchmarks/results/ when OUT is unset): gpu_tests.log, bench_conv_h100.json/.png,
-# bench_ase_h100.json. About 3 + 4 + 1.5 minutes on an H100.
+# bench_ase_h100.json. About 3 + 4 + 1.5 minutes on an H100. `probes` (not part of all): per-kernel times of
+# every bench_conv cell, the output-part sweep and the layer-0 unroll sweep (about 5 minutes).
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-benchmarks/results}
@@ -20,4 +21,11 @@ if [[ $what == conv || $what == all ]]; then
 fi
 if [[ $what == ase || $what == all ]]; then
   timeout 200 python benchmarks/bench_ase.py --out "$out/bench_ase_h100.json" 2>&1 | tail -8
+fi
+if [[ $what == probes ]]; then
+  [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
+  timeout 200 python scripts/conv_breakdown.py > "$out/conv_breakdown.txt" 2>&1; grep event "$out/conv_breakdown.txt"
+  timeout 300 python scripts/part_sweep.py > "$out/part_sweep.txt" 2>&1; tail -40 "$out/part_sweep.txt"
+  timeout 120 python scripts/occupancy_sweep.py > "$out/occupancy_sweep.txt" 2>&1; tail -12 "$out/occupancy_sweep.txt"
+  [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
 fi
