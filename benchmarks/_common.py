@@ -79,6 +79,19 @@ def cu_graph(supercell: int = 8, cutoff: float = 6.0, rattle: float = 0.05, seed
     return out
 
 
+def cu_graph_on(device, supercell: int = 8, cutoff: float = 6.0, announce: bool = True):
+    """The benchmark's Cu graph as index tensors on ``device``: (sender, receiver, num_nodes, num_edges).
+    ``announce`` prints one line with the sizes and the GPU (the probe scripts' header)."""
+    g = cu_graph(supercell, cutoff)
+    s = torch.as_tensor(g["sender"], device=device)
+    r = torch.as_tensor(g["receiver"], device=device)
+    n, e = int(g["num_nodes"]), s.shape[0]
+    if announce:
+        name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else str(device)
+        print(f"graph: {n} nodes, {e} edges; {name}", flush=True)
+    return s, r, n, e
+
+
 @contextmanager
 def default_dtype(dtype):
     old = torch.get_default_dtype()

@@ -29,10 +29,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
     dev = torch.device("cuda")
-    gr = C.cu_graph(8, 6.0)
-    s = torch.as_tensor(gr["sender"], device=dev)
-    r = torch.as_tensor(gr["receiver"], device=dev)
-    n, e = int(gr["num_nodes"]), s.shape[0]
+    s, r, n, e = C.cu_graph_on(dev, announce=False)
     dtype = getattr(torch, a.dtype)
     node, sh, mid, ins = mace_conv_args(a.config)
     with C.default_dtype(dtype):

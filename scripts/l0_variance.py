@@ -18,10 +18,7 @@ from tp_cases import mace_conv_args  # noqa: E402
 
 
 def main():
-    g = C.cu_graph(8, 6.0)
-    s = torch.as_tensor(g["sender"], device="cuda")
-    r = torch.as_tensor(g["receiver"], device="cuda")
-    n, e = int(g["num_nodes"]), s.shape[0]
+    s, r, n, e = C.cu_graph_on("cuda", announce=False)
     node, sh, mid, ins = mace_conv_args("layer0")
     conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False)
     for dtype in (torch.float32, torch.float64):

@@ -32,11 +32,7 @@ def main():
     ap.add_argument("--min-blocks", nargs="*", type=int, default=[0, 8])
     a = ap.parse_args()
     dev = torch.device("cuda")
-    gr = C.cu_graph(8, 6.0)
-    s = torch.as_tensor(gr["sender"], device=dev)
-    r = torch.as_tensor(gr["receiver"], device=dev)
-    n, e = int(gr["num_nodes"]), s.shape[0]
-    print(f"graph: {n} nodes, {e} edges; {torch.cuda.get_device_name()}", flush=True)
+    s, r, n, e = C.cu_graph_on(dev)
     C.gpu_warmup(dev)
     default_unroll = dict(codegen.SMALL_FORWARD_UNROLL)
     for cfg in a.configs:

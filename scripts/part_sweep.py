@@ -54,11 +54,7 @@ def main():
     ap.add_argument("--kinds", nargs="*", default=list(KINDS))
     a = ap.parse_args()
     dev = torch.device("cuda")
-    gr = C.cu_graph(8, 6.0)
-    s = torch.as_tensor(gr["sender"], device=dev)
-    r = torch.as_tensor(gr["receiver"], device=dev)
-    n, e = int(gr["num_nodes"]), s.shape[0]
-    print(f"graph: {n} nodes, {e} edges; {torch.cuda.get_device_name()}", flush=True)
+    s, r, n, e = C.cu_graph_on(dev)
     plans = {}
     for cfg in a.configs:
         node, sh, mid, ins = mace_conv_args(cfg)

@@ -277,19 +277,23 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
 FUSED_DOUBLE_MAX_LANE_WORDS = 256
 
 
+_FITS: Dict[Tuple[str, KernelSpec], bool] = {}
+
+
 def fused_double_fits(plan: TPPlan, dtype: torch.dtype) -> bool:
     """Whether every output part of the fused double-backward kernel keeps its lane state in registers:
-    acc + gout per output value, x + ggx + gx per in1 value, y + ggy + gy per in2 value."""
+    acc + gout per output value, x + ggx + gx per in1 value, y + ggy + gy per in2 value (memoised per spec:
+    asked on every double backward)."""
     dt = _DTYPES.get(dtype, "float64")
-    parts = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True).parts or (tuple(range(len(plan.paths))),)
-    words = 0
-    for part in parts:
-        paths = [plan.paths[i] for i in part]
-        out = sum({p.out_block: p.do for p in paths}.values())
-        in1 = sum({p.in1_block: p.d1 for p in paths}.values())
-        in2 = sum({p.in2_block: p.d2 for p in paths}.values())
-        words = max(words, 2 * out + 3 * in1 + 3 * in2)
-    return words * (2 if dt == "float64" else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
+    spec = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True)
+    fits = _FITS.get((plan.key, spec))
+    if fits is None:
+        words = 0
+        for part in spec.parts or (tuple(range(len(plan.paths))),):
+            in1, in2, out = codegen.lane_dims([plan.paths[i] for i in part])
+            words = max(words, 2 * out + 3 * in1 + 3 * in2)
+        fits = _FITS[(plan.key, spec)] = words * (2 if dt == "float64" else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
+    return fits
 
 
 def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver):
