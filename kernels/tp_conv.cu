@@ -39,6 +39,10 @@ typedef long long index_t;
 #define C(v) ((scalar_t)(v))
 
 #define NPART $$NPART$$
+// Edges ahead whose weight rows (W, and W2 in KIND 3) are prefetched into L2 while the current edge is
+// contracted (0: off). One warp per item issues them (part 0, chunk 0): the rows are shared by all its warps.
+#define PREFETCH_EDGES $$PREFETCH_EDGES$$
+#define ROW_BYTES (WN * (int)sizeof(scalar_t))
 
 #define CONV_PARAMS \
     const scalar_t* __restrict__ X,          /* [rows_x, D1]   node features (KIND 0, 1) */ \
@@ -60,6 +64,37 @@ typedef long long index_t;
 #define CONV_ARGS X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2, num_edges, num_items, w_stride
 
 static_assert(SEGMENTED || EDGES_PER_WARP <= WARP_SIZE, "a run must fit in one batch of edges");
+static_assert(PREFETCH_EDGES < WARP_SIZE, "prefetch distance must stay inside one batch of edges");
+
+// Hint: bring the weight row(s) of edge e into L2 (no registers held, no effect on results): on sm_90+ one
+// bulk prefetch per row (16-byte aligned start, size rounded down to 16 bytes); older GPUs skip it.
+__device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict__ W, const scalar_t* __restrict__ W2,
+                                                     const index_t e, const index_t w_stride, const int lane,
+                                                     const bool by_this_lane)
+{
+#if PREFETCH_EDGES > 0
+    if (w_stride == 0) return;  // shared weights: one row, cached anyway
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (!by_this_lane) return;
+    const scalar_t* rows[2] = {W + e * w_stride, (KIND == 3) ? W2 + e * w_stride : nullptr};
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        if (rows[k] == nullptr) continue;
+        const unsigned long long a = (unsigned long long)__cvta_generic_to_global(rows[k]);
+        const unsigned long long start = (a + 15ull) & ~15ull;
+        const unsigned long long end = (a + (unsigned long long)ROW_BYTES) & ~15ull;
+        if (end > start) {
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
+                         :: "l"(start), "r"((unsigned)(end - start)));
+        }
+    }
+#else
+    (void)W; (void)W2; (void)e; (void)lane; (void)by_this_lane;  // before sm_90: no prefetch
+#endif
+#else
+    (void)W; (void)W2; (void)e; (void)w_stride; (void)lane; (void)by_this_lane;
+#endif
+}
 
 $$PARTS$$
 

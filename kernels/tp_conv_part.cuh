@@ -42,11 +42,22 @@ $$SEGMENT_LOAD$$
 #endif
         }
         const int batch = (p1 - base < WARP_SIZE) ? (int)(p1 - base) : WARP_SIZE;
+#if PREFETCH_EDGES > 0
+        // the first PREFETCH_EDGES edges of the batch (lane q holds edge q); later ones inside the loop
+        const bool prefetcher = (PART_ID == 0 && chunk == 0);
+        if (prefetcher) prefetch_weight_rows(W, W2, my_e, w_stride, lane, lane < PREFETCH_EDGES && lane < batch);
+#endif
 #pragma unroll $$EDGE_UNROLL$$
         for (int q = 0; q < batch; ++q) {
             const index_t e = __shfl_sync(0xffffffffu, my_e, q);
             const index_t key = __shfl_sync(0xffffffffu, my_key, q);
             const index_t other = __shfl_sync(0xffffffffu, my_other, q);
+#if PREFETCH_EDGES > 0
+            if (prefetcher) {  // warp-uniform
+                const index_t ahead = __shfl_sync(0xffffffffu, my_e, (q + PREFETCH_EDGES) & (WARP_SIZE - 1));
+                prefetch_weight_rows(W, W2, ahead, w_stride, lane, lane == 0 && q + PREFETCH_EDGES < batch);
+            }
+#endif
 #if !SEGMENTED
             // a run is one warp's batch (EDGES_PER_WARP <= WARP_SIZE); flush when the next key differs
             const index_t next_key = __shfl_sync(0xffffffffu, my_key, (q + 1) & (WARP_SIZE - 1));

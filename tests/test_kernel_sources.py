@@ -38,6 +38,14 @@ def _specs(dtype):
     ]
 
 
+def _prefetch_specs(dtype):
+    """The kinds that may prefetch weight rows into L2 (codegen.PREFETCH_EDGES), with prefetching on."""
+    return [KernelSpec(KIND_FORWARD, dtype, True, prefetch=2),
+            KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, prefetch=2),
+            KernelSpec(KIND_BACKWARD, dtype, True, DX_NONE, True, True, prefetch=2),
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, prefetch=2)]
+
+
 def _compiler():
     if shutil.which("nvcc"):
         return "nvcc"
@@ -57,7 +65,7 @@ def test_generated_sources_compile(layer, tmp_path):
         pytest.skip("neither nvcc nor NVRTC is available on this machine")
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
     plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
-    jobs = [(spec, render(plan, spec)) for dt in ("float32", "float64") for spec in _specs(dt) + _split_specs(plan, dt)]
+    jobs = [(spec, render(plan, spec)) for dt in ("float32", "float64") for spec in _specs(dt) + _split_specs(plan, dt) + _prefetch_specs(dt)]
 
     def build(job):
         spec, r = job

@@ -205,12 +205,13 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     """The kernel spec for a launch, with the output parts the schedule picks for this plan and dtype
     (memoised: this runs on every call, and splitting the paths is Python work)."""
     min_blocks = codegen.MIN_BLOCKS_PER_SM.get((kind, dt), 0)
+    prefetch = codegen.PREFETCH_EDGES.get((kind, dt), 0)
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks)
+           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks, prefetch)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-                                        parts_for(plan, kind, dt, dx_mode), min_blocks)
+                                        parts_for(plan, kind, dt, dx_mode), min_blocks, prefetch)
     return spec
 
 

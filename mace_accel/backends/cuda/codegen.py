@@ -53,6 +53,8 @@ class KernelSpec:
     parts: Tuple[Tuple[int, ...], ...] = ()
     #: __launch_bounds__ minimum resident blocks per SM (0: no register cap), see MIN_BLOCKS_PER_SM
     min_blocks: int = 0
+    #: edges ahead whose weight rows are prefetched into L2 (0: off), see PREFETCH_EDGES
+    prefetch: int = 0
 
     @property
     def num_parts(self) -> int:
@@ -61,7 +63,8 @@ class KernelSpec:
     def tag(self) -> str:
         return (f"k{self.kind}_{self.dtype[-2:]}_{'seg' if self.segmented else f'run{self.edges_per_warp}'}"
                 f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}_p{self.num_parts}"
-                + (f"_mb{self.min_blocks}" if self.min_blocks else ""))
+                + (f"_mb{self.min_blocks}" if self.min_blocks else "")
+                + (f"_pf{self.prefetch}" if self.prefetch else ""))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -77,6 +80,17 @@ PART_MAX_LANE_WORDS = {KIND_FORWARD: 96, KIND_BACKWARD: 96, KIND_DOUBLE: 96}
 #: occupancy, except layer 0 float32, where unroll 2 reaches the same 64 registers without spills
 #: (scripts/occupancy_sweep.py). Kept for sweeps on other GPUs and problems.
 MIN_BLOCKS_PER_SM: Dict[Tuple[int, str], int] = {}
+
+
+#: (kind, dtype) -> edges ahead whose weight rows (W, and ggw in the double backward) a warp prefetches into
+#: L2 with one bulk prefetch per row (sm_90+; no registers held, results unchanged). The kernels wait on
+#: one edge's loads at a time (docs/design.md). Device sweep, kernel alone, distance 0 -> 1
+#: (scripts/prefetch_sweep.py, benchmarks/results/prefetch_sweep_h100.txt): forward float64 medium 0.904 ->
+#: 0.690 ms, large 1.711 -> 1.342; layer-0 float32 forward 0.186 -> 0.156, backward 0.391 -> 0.328;
+#: medium float64 double 3.74 -> 3.39. Costs up to 3% elsewhere (medium float32 forward 0.382 -> 0.392,
+#: large float64 backward 5.00 -> 5.11); distances 2-8 were no better anywhere.
+PREFETCH_EDGES: Dict[Tuple[int, str], int] = {
+    (kind, dt): 1 for kind in (KIND_FORWARD, KIND_BACKWARD, KIND_DOUBLE) for dt in ("float32", "float64")}
 
 
 def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
@@ -118,17 +132,6 @@ class _Code:
         return "\n".join(self.lines)
 
 
-def _group(p, axis: str) -> List[Tuple[int, list]]:
-    """The path's nonzeros grouped by one index ("i", "j" or "k"), in index order; each term holds the other
-    two indices (in i, j, k order) and the coefficient."""
-    pos = "ijk".index(axis)
-    groups: Dict[int, list] = {}
-    for nz in p.nonzeros:
-        rest = tuple(v for n, v in enumerate(nz[:3]) if n != pos)
-        groups.setdefault(nz[pos], []).append(rest + (nz[3],))
-    return sorted(groups.items())
-
-
 def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple]):
     """Per-lane loads of a row in e3nn layout: value (u, m) of block b at off_b + u * d + m."""
     for b, (off, d, mul) in sorted(blocks.items()):
@@ -142,24 +145,72 @@ def _y_loads(code: _Code, in2: Dict[int, tuple]):
             code(f"const scalar_t y{off + j} = y_row[{off + j}];")
 
 
+def _factored(terms, a_name, b_name) -> List[str]:
+    """``sum c * A[a] * B[b]`` over ``terms`` (a, b, c) as a list of products ``A[a] * (sum_b c * B[b])`` (or
+    grouped on b, whichever gives fewer groups). Each product is emitted as its own ``acc += ...`` statement,
+    so a term costs one FMA and a group one more (instead of two multiplies and an add per term)."""
+    by_a: Dict[int, list] = {}
+    by_b: Dict[int, list] = {}
+    for a, b, c in terms:
+        by_a.setdefault(a, []).append((b, c))
+        by_b.setdefault(b, []).append((a, c))
+    if len(by_b) < len(by_a):
+        groups, outer, inner = by_b, b_name, a_name
+    else:
+        groups, outer, inner = by_a, a_name, b_name
+    return [f"{outer(key)} * (" + " + ".join(f"{_lit(c)} * {inner(v)}" for v, c in rest) + ")"
+            for key, rest in sorted(groups.items())]
+
+
+def _accumulate(code: _Code, target: str, products: List[str], declare: bool = False):
+    """``target (+)= sum(products)``, one statement per product (each compiles to an FMA chain)."""
+    for n, prod in enumerate(products):
+        if n == 0 and declare:
+            code(f"  scalar_t {target} = {prod};")
+        else:
+            code(f"  {target} += {prod};")
+    if declare and not products:
+        code(f"  const scalar_t {target} = C(0);")
+
+
+def _by(p, axis: str, first: str, second: str):
+    """The path's nonzeros keyed by one index (``axis``), each term as (index ``first``, index ``second``, c)."""
+    out: Dict[int, list] = {}
+    pos = "ijk"
+    for nz in p.nonzeros:
+        out.setdefault(nz[pos.index(axis)], []).append((nz[pos.index(first)], nz[pos.index(second)], nz[3]))
+    return sorted(out.items())
+
+
+def _path_is(p):
+    return sorted({nz[0] for nz in p.nonzeros})
+
+
 def _forward_body(paths, code: _Code, in1, in2):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
     _load_rows(code, "x", "x_row", in1)
     for p in paths:
+        b1, o2 = p.in1_block, p.in2_offset
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
-        for k, terms in _group(p, "k"):
-            expr = " + ".join(f"{_lit(c)} * x{p.in1_block}_{i} * y{p.in2_offset + j}" for i, j, c in terms)
-            code(f"  a{p.out_block}_{k} += w * ({expr});")
+        for i in _path_is(p):
+            code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
+        for k, terms in _by(p, "k", "i", "j"):
+            _accumulate(code, f"a{p.out_block}_{k}", _factored(terms, lambda i: f"wx{i}", lambda j: f"y{o2 + j}"))
         code("}")
 
 
-def _t_terms(p, g_name):
-    """T_i = sum_jk c_ijk y_j g_k for each i of the path."""
-    return {i: " + ".join(f"{_lit(c)} * y{p.in2_offset + j} * {g_name}{p.out_block}_{k}" for j, k, c in terms)
-            for i, terms in _group(p, "i")}
+def _t_stmts(code: _Code, p, y_name: str, g_name: str, t_name: str):
+    """t_i = sum_jk c_ijk y_j g_k for each i of the path (declared here)."""
+    o2, ob = p.in2_offset, p.out_block
+    out = []
+    for i, terms in _by(p, "i", "j", "k"):
+        _accumulate(code, f"{t_name}{i}", _factored(terms, lambda j: f"{y_name}{o2 + j}", lambda k: f"{g_name}{ob}_{k}"),
+                    declare=True)
+        out.append(i)
+    return out
 
 
 def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
@@ -177,22 +228,22 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
             for i in range(d):
                 code(f"scalar_t dx{b}_{i} = C(0);")
     for p in paths:
+        b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
         if want_dx or spec.need_dw:
-            t = _t_terms(p, "g")
-            for i, expr in t.items():
-                code(f"  const scalar_t t{i} = {expr};")
+            t = _t_stmts(code, p, "y", "g", "t")
             if want_dx:
                 for i in t:
-                    code(f"  dx{p.in1_block}_{i} += w * t{i};")
+                    code(f"  dx{b1}_{i} += w * t{i};")
             if spec.need_dw:
-                dw = " + ".join(f"x{p.in1_block}_{i} * t{i}" for i in t)
+                dw = " + ".join(f"x{b1}_{i} * t{i}" for i in t)
                 code(f"  if (u < {p.mul}) DW[e * WN + {p.weight_offset} + u] = {dw};")
         if spec.need_dy:
-            for j, terms in _group(p, "j"):
-                expr = " + ".join(f"{_lit(c)} * x{p.in1_block}_{i} * g{p.out_block}_{k}" for i, k, c in terms)
-                code(f"  dy{p.in2_offset + j} += w * ({expr});")
+            for i in _path_is(p):
+                code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
+            for j, terms in _by(p, "j", "i", "k"):
+                _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"wx{i}", lambda k: f"g{ob}_{k}"))
         code("}")
     if spec.need_dy:
         _emit_dy_reduce(code, in2, all_in2)
@@ -218,8 +269,8 @@ def _grad_x_body(paths, code: _Code, in1, in2, out):
     for p in paths:
         code(f"{{  // path {p.index}")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
-        for i, expr in _t_terms(p, "g").items():
-            code(f"  a{p.in1_block}_{i} += w * ({expr});")
+        for i in _t_stmts(code, p, "y", "g", "t"):
+            code(f"  a{p.in1_block}_{i} += w * t{i};")
         code("}")
 
 
@@ -241,27 +292,24 @@ def _double_body(paths, code: _Code, in1, in2, all_in2):
         for i in range(d):
             code(f"scalar_t dx{b}_{i} = C(0);")
     for p in paths:
-        b1, o2 = p.in1_block, p.in2_offset
+        b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
         code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
         code(f"  const scalar_t v = (u < {p.mul}) ? w2_row[{p.weight_offset} + u] : C(0);")
-        by_i = _group(p, "i")
-        for k, terms in _group(p, "k"):
-            lin = " + ".join(f"{_lit(c)} * (xa{b1}_{i} * y{o2 + j} + x{b1}_{i} * yb{o2 + j})" for i, j, c in terms)
-            bil = " + ".join(f"{_lit(c)} * x{b1}_{i} * y{o2 + j}" for i, j, c in terms)
-            code(f"  a{p.out_block}_{k} += w * ({lin}) + v * ({bil});")
-        for i, terms in by_i:
-            code(f"  const scalar_t t{i} = " + " + ".join(
-                f"{_lit(c)} * y{o2 + j} * g{p.out_block}_{k}" for j, k, c in terms) + ";")
-            code(f"  const scalar_t q{i} = " + " + ".join(
-                f"{_lit(c)} * yb{o2 + j} * g{p.out_block}_{k}" for j, k, c in terms) + ";")
+        for i in _path_is(p):  # z = w ggx + v x multiplies y (and g in dy); w x multiplies ggy
+            code(f"  const scalar_t z{i} = w * xa{b1}_{i} + v * x{b1}_{i};")
+            code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
+        for k, terms in _by(p, "k", "i", "j"):
+            _accumulate(code, f"a{ob}_{k}", _factored(terms, lambda i: f"z{i}", lambda j: f"y{o2 + j}")
+                        + _factored(terms, lambda i: f"wx{i}", lambda j: f"yb{o2 + j}"))
+        t = _t_stmts(code, p, "y", "g", "t")
+        _t_stmts(code, p, "yb", "g", "q")
+        for i in t:
             code(f"  dx{b1}_{i} += w * q{i} + v * t{i};")
-        dw = " + ".join(f"xa{b1}_{i} * t{i} + x{b1}_{i} * q{i}" for i, _ in by_i)
+        dw = " + ".join(f"xa{b1}_{i} * t{i} + x{b1}_{i} * q{i}" for i in t)
         code(f"  if (u < {p.mul}) DW[e * WN + {p.weight_offset} + u] = {dw};")
-        for j, terms in _group(p, "j"):
-            expr = " + ".join(f"{_lit(c)} * g{p.out_block}_{k} * (w * xa{b1}_{i} + v * x{b1}_{i})"
-                              for i, k, c in terms)
-            code(f"  dy{o2 + j} += {expr};")
+        for j, terms in _by(p, "j", "i", "k"):
+            _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"z{i}", lambda k: f"g{ob}_{k}"))
         code("}")
     _emit_dy_reduce(code, in2, all_in2)
     code("scalar_t* __restrict__ dx_row = OUT + s * D1;")
@@ -446,6 +494,7 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "WARP_SIZE": str(WARP_SIZE),
         "NCHUNK": str(plan.num_chunks),
         "NPART": str(len(parts)),
+        "PREFETCH_EDGES": str(spec.prefetch),
         "EDGES_PER_WARP": str(spec.edges_per_warp),
         "SEGMENTED": str(int(spec.segmented)),
         "KIND": str(spec.kind),

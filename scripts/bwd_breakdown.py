@@ -1,0 +1,51 @@
+"""Where does the conv backward's time go? Times the atomic backward kernel call alone with each subset of
+its outputs (dx, dy, dw) on the benchmark's Cu graph (GPU machine).
+
+    python scripts/bwd_breakdown.py [--configs medium1 large1] [--dtypes float32 float64]
+
+Receiver order memoised; CUDA events, median of 20 after 3 warm-ups. One line per (config, dtype, outputs).
+Leaving dx out removes the per-edge atomics into the sender rows, leaving dy out the warp reductions and the
+partial-row stores, leaving dw out the per-edge weight-gradient stores.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+
+from mace_accel.backends import cuda as B  # noqa: E402
+from mace_accel.plan import build_plan  # noqa: E402
+from mace_accel.problem import TPProblem  # noqa: E402
+from tp_cases import mace_conv_args  # noqa: E402
+
+SUBSETS = [(1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="*", default=["layer0", "medium1", "large1"])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    s, r, n, e = C.cu_graph_on(dev)
+    C.gpu_warmup(dev)
+    for cfg in a.configs:
+        node, sh, mid, ins = mace_conv_args(cfg)
+        plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+        for dname in a.dtypes:
+            dtype = getattr(torch, dname)
+            x = torch.randn(n, plan.in1_dim, device=dev, dtype=dtype)
+            y = torch.randn(e, plan.in2_dim, device=dev, dtype=dtype)
+            w = torch.randn(e, plan.weight_numel, device=dev, dtype=dtype)
+            g = torch.randn(n, plan.out_dim, device=dev, dtype=dtype)
+            for sub in SUBSETS:
+                t = C.time_fn(lambda: B.backward(plan, x, y, w, g, s, r, *map(bool, sub)), dev, 3, 20)["median_ms"]
+                names = "+".join(nm for nm, on in zip(("dx", "dy", "dw"), sub) if on)
+                print(f"{cfg:8s} {dname} bwd {names:9s} {t:8.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
