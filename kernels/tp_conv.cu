@@ -9,7 +9,9 @@
 //       SEGMENTED = 0: item = EDGES_PER_WARP consecutive edges in processing order (receiver-sorted by the
 //                      host, or the caller's order); accumulators are flushed with atomics whenever the
 //                      segment key changes, so a sorted order costs about two flushes per warp;
-//   * the CG contraction is unrolled straight-line code, generated from the plan's nonzeros.
+//   * the CG contraction is unrolled straight-line code, generated from the plan's nonzeros;
+//   * dx rows of senders (KIND 1 atomic, KIND 3) are added with atomics staged through shared memory, so
+//     consecutive lanes add consecutive elements (codegen.COALESCED_DX_ATOMICS).
 // Kernel kinds (KIND):
 //   0 forward : acc(out row = receiver) += w * CG(x[sender], y)
 //   1 backward: per edge: dw = CG(x, y, g), dy += w * CG(x, ., g), dx = w * CG(., y, g); g = gout[receiver]
@@ -43,6 +45,16 @@ typedef long long index_t;
 // contracted (0: off). One warp per item issues them (part 0, chunk 0): the rows are shared by all its warps.
 #define PREFETCH_EDGES $$PREFETCH_EDGES$$
 #define ROW_BYTES (WN * (int)sizeof(scalar_t))
+// 1: per-edge weight rows are streamed (read once): loads and the bulk prefetch carry an L2 evict-first
+// policy and dW is written with streaming stores, so the reused x / gradient rows stay in L2.
+#define STREAM_W $$STREAM_W$$
+#if STREAM_W
+#define LOAD_W(p) __ldcs(p)
+#define STORE_DW(p, v) __stcs((p), (v))
+#else
+#define LOAD_W(p) (*(p))
+#define STORE_DW(p, v) (*(p) = (v))
+#endif
 
 #define CONV_PARAMS \
     const scalar_t* __restrict__ X,          /* [rows_x, D1]   node features (KIND 0, 1) */ \
@@ -84,8 +96,15 @@ __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict_
         const unsigned long long start = (a + 15ull) & ~15ull;
         const unsigned long long end = (a + (unsigned long long)ROW_BYTES) & ~15ull;
         if (end > start) {
+#if STREAM_W
+            unsigned long long policy;
+            asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+            asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;"
+                         :: "l"(start), "r"((unsigned)(end - start)), "l"(policy));
+#else
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
                          :: "l"(start), "r"((unsigned)(end - start)));
+#endif
         }
     }
 #else
@@ -107,6 +126,7 @@ extern "C" __global__ void __launch_bounds__($$LAUNCH_BOUNDS$$) $$NAME$$(CONV_PA
     const int sub = (int)(warp % (NPART * NCHUNK));
     if (item >= num_items) return;  // whole warps exit together
     const int part = sub / NCHUNK;
+    (void)part;  // one-part kernels do not switch on it
     const int chunk = sub % NCHUNK;
 $$PART_DISPATCH$$
 }

@@ -3,8 +3,9 @@
 // only those blocks' accumulators / gradient rows, so a large problem splits into several light warps
 // instead of one warp whose state spills.
 __device__ __forceinline__ void $$NAME$$_part$$PART$$(CONV_PARAMS, const index_t item, const int chunk,
-                                                   const int lane)
+                                                   const int lane, scalar_t* __restrict__ dx_stage)
 {
+    (void)dx_stage;  // this warp's shared-memory stage for the coalesced dx atomics (or null)
     constexpr int PART_ID = $$PART$$;  // this part's slice of DY
     (void)PART_ID;
     const int u = chunk * WARP_SIZE + lane;

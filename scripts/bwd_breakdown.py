@@ -17,6 +17,7 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 
 from mace_accel.backends import cuda as B  # noqa: E402
+from mace_accel.backends.cuda import codegen  # noqa: E402
 from mace_accel.plan import build_plan  # noqa: E402
 from mace_accel.problem import TPProblem  # noqa: E402
 from tp_cases import mace_conv_args  # noqa: E402
@@ -41,6 +42,17 @@ def main():
             y = torch.randn(e, plan.in2_dim, device=dev, dtype=dtype)
             w = torch.randn(e, plan.weight_numel, device=dev, dtype=dtype)
             g = torch.randn(n, plan.out_dim, device=dev, dtype=dtype)
+            ggx, ggy, ggw = torch.randn_like(x), torch.randn_like(y), torch.randn_like(w)
+            saved = dict(codegen.COALESCED_DX_ATOMICS)
+            for coalesced in (False, True):  # the dx atomics per lane vs staged through shared memory
+                codegen.COALESCED_DX_ATOMICS = {**saved, dname: coalesced}
+                B._FUNCS.clear()  # the setting is not part of the kernel spec
+                tb = C.time_fn(lambda: B.backward(plan, x, y, w, g, s, r, True, True, True), dev, 3, 20)["median_ms"]
+                td = C.time_fn(lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r), dev, 3, 20)["median_ms"]
+                print(f"{cfg:8s} {dname} coalesced dx atomics {coalesced!s:5s}: bwd {tb:8.3f} ms, fused double "
+                      f"{td:8.3f} ms", flush=True)
+            codegen.COALESCED_DX_ATOMICS = saved  # the defaults for the subsets below
+            B._FUNCS.clear()
             for sub in SUBSETS:
                 t = C.time_fn(lambda: B.backward(plan, x, y, w, g, s, r, *map(bool, sub)), dev, 3, 20)["median_ms"]
                 names = "+".join(nm for nm, on in zip(("dx", "dy", "dw"), sub) if on)

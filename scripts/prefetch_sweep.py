@@ -1,6 +1,7 @@
 """Sweep: how many edges ahead should each conv kernel prefetch its weight rows into L2? (GPU machine)
 
     python scripts/prefetch_sweep.py [--distances 0 1 2 4 8] [--configs layer0 medium1 large1]
+    python scripts/prefetch_sweep.py --stream     # STREAM_WEIGHTS off / on instead, default distances
 
 For each MACE-MP-0 layer config, dtype and kernel kind (forward, atomic backward, fused double backward) on
 the benchmark's Cu graph, sets ``codegen.PREFETCH_EDGES`` for that (kind, dtype) and times the kernel call
@@ -35,21 +36,24 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["layer0", "medium1", "large1"])
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     ap.add_argument("--kinds", nargs="*", default=list(KINDS))
+    ap.add_argument("--stream", action="store_true", help="sweep codegen.STREAM_WEIGHTS (off, on) instead")
     a = ap.parse_args()
+    table, label = (codegen.STREAM_WEIGHTS, "stream_w") if a.stream else (codegen.PREFETCH_EDGES, "prefetch")
+    settings = [False, True] if a.stream else a.distances
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev)
     plans = {}
     for cfg in a.configs:
         node, sh, mid, ins = mace_conv_args(cfg)
         plans[cfg] = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
-    saved = dict(codegen.PREFETCH_EDGES)
+    saved = dict(table)
     jobs = []
     for cfg in a.configs:
         for dt in a.dtypes:
             for kname in a.kinds:
                 kind = KINDS[kname]
-                for d in a.distances:
-                    codegen.PREFETCH_EDGES[(kind, dt)] = d
+                for d in settings:
+                    table[(kind, dt)] = d
                     jobs.append((plans[cfg], B._spec(plans[cfg], kind, dt, *SPEC_ARGS[kname])))
     with ThreadPoolExecutor(12) as pool:  # compile every variant first (NVRTC; the disk cache keeps them)
         list(pool.map(lambda j: B._function(j[0], j[1], 0), jobs))
@@ -71,17 +75,17 @@ def main():
             for kname in a.kinds:
                 kind = KINDS[kname]
                 ref = None
-                for d in a.distances:
-                    codegen.PREFETCH_EDGES[(kind, dname)] = d
+                for d in settings:
+                    table[(kind, dname)] = d
                     res = calls[kname]()
                     diff = 0.0 if ref is None else maxrel(res, ref)
                     ref = res if ref is None else ref
                     t = C.time_fn(calls[kname], dev, 3, 20)["median_ms"]
-                    print(f"{cfg:8s} {dname} {kname:6s} prefetch {d:2d} {t:8.3f} ms  maxrel vs 0 {diff:.1e}",
+                    print(f"{cfg:8s} {dname} {kname:6s} {label} {int(d):2d} {t:8.3f} ms  maxrel vs first {diff:.1e}",
                           flush=True)
                     del res
-                codegen.PREFETCH_EDGES.clear()
-                codegen.PREFETCH_EDGES.update(saved)
+                table.clear()
+                table.update(saved)
 
 
 if __name__ == "__main__":

@@ -206,12 +206,13 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     (memoised: this runs on every call, and splitting the paths is Python work)."""
     min_blocks = codegen.MIN_BLOCKS_PER_SM.get((kind, dt), 0)
     prefetch = codegen.PREFETCH_EDGES.get((kind, dt), 0)
+    stream_w = codegen.STREAM_WEIGHTS.get((kind, dt), False)
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks, prefetch)
+           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks, prefetch, stream_w)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-                                        parts_for(plan, kind, dt, dx_mode), min_blocks, prefetch)
+                                        parts_for(plan, kind, dt, dx_mode), min_blocks, prefetch, stream_w)
     return spec
 
 

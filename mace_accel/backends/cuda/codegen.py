@@ -55,6 +55,8 @@ class KernelSpec:
     min_blocks: int = 0
     #: edges ahead whose weight rows are prefetched into L2 (0: off), see PREFETCH_EDGES
     prefetch: int = 0
+    #: weight rows read (and dW rows written) with an L2 evict-first policy, see STREAM_WEIGHTS
+    stream_w: bool = False
 
     @property
     def num_parts(self) -> int:
@@ -64,7 +66,8 @@ class KernelSpec:
         return (f"k{self.kind}_{self.dtype[-2:]}_{'seg' if self.segmented else f'run{self.edges_per_warp}'}"
                 f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}_p{self.num_parts}"
                 + (f"_mb{self.min_blocks}" if self.min_blocks else "")
-                + (f"_pf{self.prefetch}" if self.prefetch else ""))
+                + (f"_pf{self.prefetch}" if self.prefetch else "")
+                + ("_sw" if self.stream_w else ""))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -91,6 +94,17 @@ MIN_BLOCKS_PER_SM: Dict[Tuple[int, str], int] = {}
 #: large float64 backward 5.00 -> 5.11); distances 2-8 were no better anywhere.
 PREFETCH_EDGES: Dict[Tuple[int, str], int] = {
     (kind, dt): 1 for kind in (KIND_FORWARD, KIND_BACKWARD, KIND_DOUBLE) for dt in ("float32", "float64")}
+# the fused float64 double backward, after the coalesced dx atomics (prefetch_sweep_coalesced_h100.txt),
+# distance 0 -> 1: layer 0 1.135 -> 1.170 ms, medium 3.277 -> 3.135, large 8.235 -> 8.424
+PREFETCH_EDGES[(KIND_DOUBLE, "float64")] = 0
+
+
+#: (kind, dtype) -> read the per-edge weight rows (and write dW) as streaming data (L2 evict-first): each row
+#: is used once, and the large layer's float64 weights (2.8 GB per call) could push the gathered x rows (19 MB,
+#: each read by ~78 edges) out of the 50 MB L2 between their uses. Measured off (kernel alone, H100,
+#: scripts/prefetch_sweep.py --stream, stream_sweep_h100.txt): on -> forward and fused double slower (large
+#: float64 forward 1.206 -> 1.389 ms, medium float64 double 2.96 -> 3.69), backward within 3% (machine spread).
+STREAM_WEIGHTS: Dict[Tuple[int, str], bool] = {}
 
 
 def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
@@ -194,7 +208,7 @@ def _forward_body(paths, code: _Code, in1, in2):
     for p in paths:
         b1, o2 = p.in1_block, p.in2_offset
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
-        code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
+        code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
         for i in _path_is(p):
             code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
         for k, terms in _by(p, "k", "i", "j"):
@@ -230,7 +244,7 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
     for p in paths:
         b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
-        code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
+        code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
         if want_dx or spec.need_dw:
             t = _t_stmts(code, p, "y", "g", "t")
             if want_dx:
@@ -238,7 +252,7 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
                     code(f"  dx{b1}_{i} += w * t{i};")
             if spec.need_dw:
                 dw = " + ".join(f"x{b1}_{i} * t{i}" for i in t)
-                code(f"  if (u < {p.mul}) DW[e * WN + {p.weight_offset} + u] = {dw};")
+                code(f"  if (u < {p.mul}) STORE_DW(DW + e * WN + {p.weight_offset} + u, {dw});")
         if spec.need_dy:
             for i in _path_is(p):
                 code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
@@ -247,17 +261,14 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
         code("}")
     if spec.need_dy:
         _emit_dy_reduce(code, in2, all_in2)
-    if want_dx:
-        base = "OUT + s * D1" if spec.dx_mode == DX_ATOMIC else "OUT + e * D1"
-        code(f"scalar_t* __restrict__ dx_row = {base};")
+    if spec.dx_mode == DX_ATOMIC:
+        _emit_dx_atomic(code, in1, "OUT + s * D1", spec.dtype)
+    elif want_dx:
+        code("scalar_t* __restrict__ dx_row = OUT + e * D1;")
         for b, (off, d, mul) in sorted(in1.items()):
             code(f"if (u < {mul}) {{")
             for i in range(d):
-                target = f"dx_row[{off} + u * {d} + {i}]"
-                if spec.dx_mode == DX_ATOMIC:
-                    code(f"  atomicAdd(&{target}, dx{b}_{i});")
-                else:
-                    code(f"  {target} = dx{b}_{i};")
+                code(f"  dx_row[{off} + u * {d} + {i}] = dx{b}_{i};")
             code("}")
 
 
@@ -268,13 +279,13 @@ def _grad_x_body(paths, code: _Code, in1, in2, out):
     _load_rows(code, "g", "g_row", out)
     for p in paths:
         code(f"{{  // path {p.index}")
-        code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
+        code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
         for i in _t_stmts(code, p, "y", "g", "t"):
             code(f"  a{p.in1_block}_{i} += w * t{i};")
         code("}")
 
 
-def _double_body(paths, code: _Code, in1, in2, all_in2):
+def _double_body(paths, code: _Code, in1, in2, all_in2, dtype: str):
     """Fused double backward (KIND 3); see the kernel template's header for the four outputs."""
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
@@ -294,8 +305,8 @@ def _double_body(paths, code: _Code, in1, in2, all_in2):
     for p in paths:
         b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
-        code(f"  const scalar_t w = (u < {p.mul}) ? w_row[{p.weight_offset} + u] : C(0);")
-        code(f"  const scalar_t v = (u < {p.mul}) ? w2_row[{p.weight_offset} + u] : C(0);")
+        code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
+        code(f"  const scalar_t v = (u < {p.mul}) ? LOAD_W(w2_row + {p.weight_offset} + u) : C(0);")
         for i in _path_is(p):  # z = w ggx + v x multiplies y (and g in dy); w x multiplies ggy
             code(f"  const scalar_t z{i} = w * xa{b1}_{i} + v * x{b1}_{i};")
             code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
@@ -307,16 +318,52 @@ def _double_body(paths, code: _Code, in1, in2, all_in2):
         for i in t:
             code(f"  dx{b1}_{i} += w * q{i} + v * t{i};")
         dw = " + ".join(f"xa{b1}_{i} * t{i} + x{b1}_{i} * q{i}" for i in t)
-        code(f"  if (u < {p.mul}) DW[e * WN + {p.weight_offset} + u] = {dw};")
+        code(f"  if (u < {p.mul}) STORE_DW(DW + e * WN + {p.weight_offset} + u, {dw});")
         for j, terms in _by(p, "j", "i", "k"):
             _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"z{i}", lambda k: f"g{ob}_{k}"))
         code("}")
     _emit_dy_reduce(code, in2, all_in2)
-    code("scalar_t* __restrict__ dx_row = OUT + s * D1;")
+    _emit_dx_atomic(code, in1, "OUT + s * D1", dtype)
+
+
+#: dtype -> whether the per-edge atomics into the sender's gradient row go through the warp's shared-memory
+#: stage (coalesced: consecutive lanes add consecutive elements) instead of each lane adding its own channel's
+#: d components (lanes d elements apart: one 32-byte sector per lane and instruction). Kernel alone on the
+#: H100 (scripts/bwd_breakdown.py, bwd_breakdown_coalesced_h100.txt), off -> on: float64 large backward
+#: 5.07 -> 3.43 ms, double 10.24 -> 8.42, medium backward 1.79 -> 1.75, double 3.28 -> 3.12; float32 large
+#: backward 1.87 -> 2.32 (slower), medium double 1.58 -> 1.63: off for float32.
+COALESCED_DX_ATOMICS = {"float32": False, "float64": True}
+
+
+def _dx_stage_words(in1, dtype: str) -> int:
+    """Elements of one warp's shared-memory stage for the coalesced dx atomics (0: not used)."""
+    dmax = max((d for (_o, d, _m) in in1.values()), default=1)
+    return WARP_SIZE * dmax if COALESCED_DX_ATOMICS.get(dtype, False) and dmax > 1 else 0
+
+
+def _emit_dx_atomic(code: _Code, in1, row: str, dtype: str):
+    """Add each lane's dx values into the sender's row with atomics. A block with d > 1 components per
+    channel is first written to the warp's stage [lane * d + i] and read back transposed, so atomic m of
+    the warp covers the 32 consecutive elements m * 32 + lane of the chunk's slice (e3nn layout u * d + i)."""
+    code(f"scalar_t* __restrict__ dx_row = {row};")
+    stage = _dx_stage_words(in1, dtype)
     for b, (off, d, mul) in sorted(in1.items()):
-        code(f"if (u < {mul}) {{")
+        if d == 1 or not stage:
+            code(f"if (u < {mul}) {{")
+            for i in range(d):
+                code(f"  atomicAdd(&dx_row[{off} + u * {d} + {i}], dx{b}_{i});")
+            code("}")
+            continue
+        code("{")
+        code("  __syncwarp();  // the previous use of the stage is complete")
         for i in range(d):
-            code(f"  atomicAdd(&dx_row[{off} + u * {d} + {i}], dx{b}_{i});")
+            code(f"  dx_stage[lane * {d} + {i}] = dx{b}_{i};")
+        code("  __syncwarp();")
+        code(f"  scalar_t* __restrict__ slice = dx_row + {off} + chunk * (WARP_SIZE * {d});")
+        code(f"  const int valid = ({mul} - chunk * WARP_SIZE) * {d};  // elements of this chunk's channels")
+        for m in range(d):
+            code(f"  if ({m} * WARP_SIZE + lane < valid) "
+                 f"atomicAdd(&slice[{m} * WARP_SIZE + lane], dx_stage[{m} * WARP_SIZE + lane]);")
         code("}")
 
 
@@ -434,7 +481,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     elif spec.kind == KIND_DOUBLE:
         if spec.segmented:
             raise ValueError("the fused double backward runs over receiver-sorted runs (segmented=False)")
-        _double_body(paths, body, in1, in2, all_in2)
+        _double_body(paths, body, in1, in2, all_in2, spec.dtype)
         acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")
@@ -480,13 +527,22 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     blocks_of = [{plan.paths[i].out_block for i in part} for part in parts]
     if any(a & b for n, a in enumerate(blocks_of) for b in blocks_of[n + 1:]):
         raise ValueError(f"kernel parts {parts} share an output block")
+    # one shared-memory stage per warp for the coalesced dx atomics, sized for the largest part (a warp runs
+    # one part)
+    stage = 0
+    if spec.kind == KIND_DOUBLE or spec.dx_mode == DX_ATOMIC:
+        stage = max(_dx_stage_words(_blocks([plan.paths[i] for i in part])[0], spec.dtype) for part in parts)
+    stage_decl = (f"    __shared__ scalar_t dx_stage_all[(THREADS / WARP_SIZE) * {stage}];\n"
+                  f"    scalar_t* const dx_stage = dx_stage_all + (threadIdx.x / WARP_SIZE) * {stage};"
+                  if stage else "    scalar_t* const dx_stage = nullptr;  // no staged atomics in this kernel")
     part_src = "\n".join(_render_part(plan, spec, [plan.paths[i] for i in part], n, prefix)
                           for n, part in enumerate(parts))
     if len(parts) == 1:
-        dispatch = f"    {prefix}_part0(CONV_ARGS, item, chunk, lane);"
+        dispatch = f"    {prefix}_part0(CONV_ARGS, item, chunk, lane, dx_stage);"
     else:
         dispatch = "    switch (part) {\n" + "\n".join(
-            f"    case {n}: {prefix}_part{n}(CONV_ARGS, item, chunk, lane); break;" for n in range(len(parts))
+            f"    case {n}: {prefix}_part{n}(CONV_ARGS, item, chunk, lane, dx_stage); break;"
+            for n in range(len(parts))
         ) + "\n    }"
     subs = {
         "NAME": prefix,
@@ -495,6 +551,7 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "NCHUNK": str(plan.num_chunks),
         "NPART": str(len(parts)),
         "PREFETCH_EDGES": str(spec.prefetch),
+        "STREAM_W": str(int(spec.stream_w)),
         "EDGES_PER_WARP": str(spec.edges_per_warp),
         "SEGMENTED": str(int(spec.segmented)),
         "KIND": str(spec.kind),
@@ -508,6 +565,6 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "THREADS": str(THREADS_PER_BLOCK),
         "PARTS": part_src,
         "LAUNCH_BOUNDS": f"THREADS, {spec.min_blocks}" if spec.min_blocks else "THREADS",
-        "PART_DISPATCH": dispatch,
+        "PART_DISPATCH": stage_decl + "\n" + dispatch,
     }
     return {"name": prefix, "source": fill_template(template_text("tp_conv.cu"), subs)}
