@@ -51,10 +51,10 @@ def _fwd_impl(x, y, w, sender, receiver, num_rows, plan_key, deterministic):
 def _bwd_impl(x, y, w, gout, sender, receiver, plan_key, deterministic, need_x, need_y, need_w):
     dx, dy, dw = _backend(x).backward(get_plan(plan_key), x, y, w, gout, sender, receiver, need_x, need_y, need_w,
                                       deterministic=deterministic)
-    # Custom ops return tensors: a gradient not asked for comes back as an empty tensor.
-    empty = x.new_empty(_EMPTY)
-    return (dx if dx is not None else empty, dy if dy is not None else empty.clone(),
-            dw if dw is not None else empty.clone())
+    # Custom ops return tensors: a gradient not asked for comes back as an empty tensor (made only when needed:
+    # each costs host time).
+    return (dx if dx is not None else x.new_empty(_EMPTY), dy if dy is not None else x.new_empty(_EMPTY),
+            dw if dw is not None else x.new_empty(_EMPTY))
 
 
 @torch.library.custom_op("mace_accel::tp_fwd", mutates_args=())
