@@ -4,8 +4,8 @@
 
 Issues 200 forward+backward calls without synchronising (the GPU queue absorbs them), reports host
 microseconds per call for fwd and fwd_bwd (receiver order forgotten before each call, as bench_conv does),
-with our raw cuLaunchKernel path and with CuPy's call, alternating over 3 rounds; then prints cProfile's top
-entries for fwd_bwd.
+in 3 rounds (the host's speed drifts); then prints cProfile's top entries for fwd_bwd.
+(host_profile_launch_ab_h100.txt came from a version that also timed a raw cuLaunchKernel path, removed.)
 """
 import argparse
 import cProfile
@@ -47,22 +47,19 @@ def main():
     def fwd_bwd():
         return torch.autograd.grad(fwd(), (x, y, w), g)
 
-    for rnd in range(3):  # alternate the launch paths: the host's speed drifts, compare within a round
-        for fast in (True, False):
-            B.FAST_LAUNCH = fast
-            for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-                for _ in range(10):
-                    fn()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    fn()
-                host = (time.perf_counter() - t0) / 200 * 1e6
-                torch.cuda.synchronize()
-                gpu = C.time_fn(fn, dev, 3, 50)["median_ms"] * 1e3
-                print(f"round {rnd} {'raw cuLaunchKernel' if fast else 'CuPy call        '} {a.config} {a.dtype} "
-                      f"{name}: host {host:.0f} us per call, CUDA-event median {gpu:.0f} us", flush=True)
-    B.FAST_LAUNCH = True
+    for rnd in range(3):  # the host's speed drifts: three rounds
+        for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            host = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+            gpu = C.time_fn(fn, dev, 3, 50)["median_ms"] * 1e3
+            print(f"round {rnd} {a.config} {a.dtype} {name}: host {host:.0f} us per call, CUDA-event median "
+                  f"{gpu:.0f} us", flush=True)
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(200):

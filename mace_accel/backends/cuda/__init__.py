@@ -104,54 +104,17 @@ def _raw_stream(index: int) -> int:
     return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
 
 
-_PARAMS = threading.local()
-#: Launch through :func:`_launch_8byte_args` when every argument is 8 bytes wide (False: CuPy's call).
-FAST_LAUNCH = True
-
-
-def _param_buffers(n: int):
-    """This thread's kernel-parameter buffers for n 8-byte arguments: the values and the array of pointers to
-    them that cuLaunchKernel reads (it copies them during the call, so the buffers are reused)."""
-    import ctypes
-
-    bufs = getattr(_PARAMS, "bufs", None)
-    if bufs is None:
-        bufs = _PARAMS.bufs = {}
-    b = bufs.get(n)
-    if b is None:
-        vals = (ctypes.c_uint64 * n)()
-        ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(vals) + 8 * i for i in range(n)])
-        b = bufs[n] = (vals, ptrs, ctypes.addressof(ptrs))
-    return b
-
-
-def _launch_8byte_args(fn, blocks: int, threads: int, stream_ptr: int, args) -> None:
-    """cuLaunchKernel with every argument 8 bytes wide (pointers and int64: all of our conv, CSR and
-    symmetric-contraction kernels). CuPy's ``Function.__call__`` wraps each argument in an object first; this
-    path costs a few microseconds per launch instead of ~20 (the layer-0 calls are host-bound)."""
-    from cupy.cuda import driver
-
-    vals, _ptrs, params = _param_buffers(len(args))
-    for i, a in enumerate(args):
-        vals[i] = int(a) & 0xFFFFFFFFFFFFFFFF  # int64 as its two's-complement bits
-    driver.launchKernel(fn.ptr, blocks, 1, 1, threads, 1, 1, 0, stream_ptr, params, 0)
-
-
 def run_on_torch_stream(fn, device: torch.device, blocks: int, threads: int, args) -> None:
     """Launch a compiled kernel on PyTorch's current stream of ``device`` (1-D grid)."""
     import cupy
 
     index = device_index(device)
-    stream_ptr = _raw_stream(index)
-    fast = FAST_LAUNCH and all(type(a) in (np.uint64, np.int64) for a in args)
+    stream = _cupy_stream(_raw_stream(index), index)
     if cupy.cuda.runtime.getDevice() == index:  # the common case: no device switch (enter/exit costs host time)
-        if fast:
-            _launch_8byte_args(fn, blocks, threads, stream_ptr, args)
-        else:
-            fn((blocks,), (threads,), args, stream=_cupy_stream(stream_ptr, index))
+        fn((blocks,), (threads,), args, stream=stream)
         return
     with cupy.cuda.Device(index):
-        fn((blocks,), (threads,), args, stream=_cupy_stream(stream_ptr, index))
+        fn((blocks,), (threads,), args, stream=stream)
 
 
 #: Threads per block of the CSR-building kernels (one thread per edge).
