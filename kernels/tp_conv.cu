@@ -41,6 +41,16 @@ typedef long long index_t;
 #define C(v) ((scalar_t)(v))
 
 #define NPART $$NPART$$
+// 1: every (part, chunk) warp adds its dy into the edge's one row of DY with atomics (runs variant);
+// 0: it writes its own partial row DY[part * NCHUNK + chunk, e] (summed by the caller in a fixed order)
+#define DY_ATOMIC $$DY_ATOMIC$$
+#if DY_ATOMIC
+#define DY_SLICE(part, chunk) ((index_t)0)
+#define DY_PUT(p, v) atomicAdd((p), (v))
+#else
+#define DY_SLICE(part, chunk) ((index_t)((part) * NCHUNK + (chunk)))
+#define DY_PUT(p, v) (*(p) = (v))
+#endif
 // Edges ahead whose weight rows (W, and W2 in KIND 3) are prefetched into L2 while the current edge is
 // contracted (0: off). One warp per item issues them (part 0, chunk 0): the rows are shared by all its warps.
 #define PREFETCH_EDGES $$PREFETCH_EDGES$$
@@ -66,7 +76,7 @@ typedef long long index_t;
     const index_t* __restrict__ perm,        /* [E] processing order or null (identity) */ \
     const index_t* __restrict__ seg_ptr,     /* [items + 1] CSR offsets (SEGMENTED) or null (one edge per item) */ \
     scalar_t* __restrict__ OUT,              /* KIND 0: out [rows, DO]; KIND 1: dx [rows_x, D1]; KIND 2: dx */ \
-    scalar_t* __restrict__ DY,               /* KIND 1: [NPART * NCHUNK, E, D2] partial sums per (part, chunk) */ \
+    scalar_t* __restrict__ DY,               /* KIND 1, 3: [NPART * NCHUNK, E, D2] partial sums per (part, chunk), or [E, D2] (DY_ATOMIC) */ \
     scalar_t* __restrict__ DW,               /* KIND 1, 3: [E, WN] */ \
     const scalar_t* __restrict__ X2,         /* KIND 3: ggx [rows_x, D1] */ \
     const scalar_t* __restrict__ Y2,         /* KIND 3: ggy [E, D2] */ \

@@ -3,6 +3,9 @@ its outputs (dx, dy, dw) on the benchmark's Cu graph (GPU machine).
 
     python scripts/bwd_breakdown.py [--configs medium1 large1] [--dtypes float32 float64]
 
+First A/B's the backward and fused double (per-lane vs coalesced dx atomics; dy partial rows vs dy atomics),
+then times the subsets.
+
 Receiver order memoised; CUDA events, median of 20 after 3 warm-ups. One line per (config, dtype, outputs).
 Leaving dx out removes the per-edge atomics into the sender rows, leaving dy out the warp reductions and the
 partial-row stores, leaving dw out the per-edge weight-gradient stores.
@@ -53,6 +56,13 @@ def main():
                       f"{td:8.3f} ms", flush=True)
             codegen.COALESCED_DX_ATOMICS = saved  # the defaults for the subsets below
             B._FUNCS.clear()
+            for atomic_dy in (False, True):  # dy partial rows summed by torch vs added with atomics
+                codegen.ATOMIC_DY = atomic_dy  # part of the kernel spec
+                tb = C.time_fn(lambda: B.backward(plan, x, y, w, g, s, r, True, True, True), dev, 3, 20)["median_ms"]
+                td = C.time_fn(lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r), dev, 3, 20)["median_ms"]
+                print(f"{cfg:8s} {dname} atomic dy {atomic_dy!s:5s}: bwd {tb:8.3f} ms, fused double {td:8.3f} ms",
+                      flush=True)
+            codegen.ATOMIC_DY = True
             for sub in SUBSETS:
                 t = C.time_fn(lambda: B.backward(plan, x, y, w, g, s, r, *map(bool, sub)), dev, 3, 20)["median_ms"]
                 names = "+".join(nm for nm, on in zip(("dx", "dy", "dw"), sub) if on)

@@ -40,14 +40,16 @@ def _specs(dtype):
 
 def _prefetch_specs(dtype):
     """The kinds that may prefetch weight rows into L2 (codegen.PREFETCH_EDGES) or stream them
-    (codegen.STREAM_WEIGHTS), with those on."""
+    (codegen.STREAM_WEIGHTS), or add dy with atomics (codegen.ATOMIC_DY), with those on."""
     return [KernelSpec(KIND_FORWARD, dtype, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, True, DX_NONE, True, True, prefetch=2),
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, prefetch=2),
             KernelSpec(KIND_FORWARD, dtype, True, prefetch=1, stream_w=True),         # streamed weight rows
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, prefetch=1, stream_w=True),
-            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, stream_w=True)]
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, stream_w=True),
+            KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, dy_atomic=True),  # dy with atomics
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, dy_atomic=True)]
 
 
 def _compiler():

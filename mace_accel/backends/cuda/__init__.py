@@ -219,17 +219,22 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     min_blocks = codegen.MIN_BLOCKS_PER_SM.get((kind, dt), 0)
     prefetch = codegen.PREFETCH_EDGES.get((kind, dt), 0)
     stream_w = codegen.STREAM_WEIGHTS.get((kind, dt), False)
+    dy_atomic = codegen.ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE)
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks, prefetch, stream_w)
+           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks, prefetch, stream_w, dy_atomic)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-                                        parts_for(plan, kind, dt, dx_mode), min_blocks, prefetch, stream_w)
+                                        parts_for(plan, kind, dt, dx_mode), min_blocks, prefetch, stream_w,
+                                        dy_atomic)
     return spec
 
 
 def _dy_partials(plan: TPPlan, spec: KernelSpec, x, num_edges: int):
-    """[parts * chunks, E, D2] partial sums of the y gradient, one slice per (part, chunk) warp."""
+    """[parts * chunks, E, D2] partial sums of the y gradient, one slice per (part, chunk) warp; or, when the
+    kernel adds them with atomics (``spec.dy_atomic``), one zeroed [1, E, D2] slice."""
+    if spec.dy_atomic:
+        return torch.zeros((1, num_edges, plan.in2_dim), dtype=x.dtype, device=x.device)
     return _alloc((spec.num_parts * plan.num_chunks, num_edges, plan.in2_dim), x, plan.unused_in2)
 
 

@@ -57,6 +57,9 @@ class KernelSpec:
     prefetch: int = 0
     #: weight rows read (and dW rows written) with an L2 evict-first policy, see STREAM_WEIGHTS
     stream_w: bool = False
+    #: dy of every (part, chunk) warp added with atomics into one [E, D2] row (runs variant only; the
+    #: deterministic variant writes one partial row per (part, chunk), summed in a fixed order)
+    dy_atomic: bool = False
 
     @property
     def num_parts(self) -> int:
@@ -67,7 +70,7 @@ class KernelSpec:
                 f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}_p{self.num_parts}"
                 + (f"_mb{self.min_blocks}" if self.min_blocks else "")
                 + (f"_pf{self.prefetch}" if self.prefetch else "")
-                + ("_sw" if self.stream_w else ""))
+                + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else ""))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -105,6 +108,12 @@ PREFETCH_EDGES[(KIND_DOUBLE, "float64")] = 0
 #: scripts/prefetch_sweep.py --stream, stream_sweep_h100.txt): on -> forward and fused double slower (large
 #: float64 forward 1.206 -> 1.389 ms, medium float64 double 2.96 -> 3.69), backward within 3% (machine spread).
 STREAM_WEIGHTS: Dict[Tuple[int, str], bool] = {}
+
+
+#: Runs-variant kernels (atomic backward, fused double) add their dy into one zeroed [E, D2] buffer with
+#: atomics instead of writing [parts * chunks, E, D2] partial rows that torch then sums (for the MP-0 configs
+#: 4 chunks: 82 MB read and 20 MB written per float64 call, plus a torch launch).
+ATOMIC_DY = True
 
 
 def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
@@ -377,7 +386,7 @@ def _emit_dy_reduce(code: _Code, in2, all_in2):
     lanes write the 16 results in one coalesced store instead of lane 0 writing all of them.
     """
     cols = [off + j for b, (off, d) in sorted(all_in2.items()) for j in range(d)]
-    code("scalar_t* __restrict__ dy_row = DY + ((index_t)(PART_ID * NCHUNK + chunk) * num_edges + e) * D2;")
+    code("scalar_t* __restrict__ dy_row = DY + (DY_SLICE(PART_ID, chunk) * num_edges + e) * D2;")
     n = len(cols)
     if n > WARP_SIZE or cols != list(range(cols[0], cols[0] + n)):
         for c in cols:
@@ -385,7 +394,7 @@ def _emit_dy_reduce(code: _Code, in2, all_in2):
             code(f"for (int o = WARP_SIZE / 2; o > 0; o >>= 1) {v} += __shfl_xor_sync(0xffffffffu, {v}, o);")
         code("if (lane == 0) {")
         for c in cols:
-            code(f"  dy_row[{c}] = dy{c};")
+            code(f"  DY_PUT(&dy_row[{c}], dy{c});")
         code("}")
         return
     size = 1
@@ -415,7 +424,7 @@ def _emit_dy_reduce(code: _Code, in2, all_in2):
         o //= 2
     index = " + ".join(index_terms) if index_terms else "0"
     code(f"  const int idx = {index};")
-    code(f"  if ((lane & {low_mask}) == 0 && idx < {n}) dy_row[{cols[0]} + idx] = {names[0]};")
+    code(f"  if ((lane & {low_mask}) == 0 && idx < {n}) DY_PUT(&dy_row[{cols[0]} + idx], {names[0]});")
     code("}")
 
 
@@ -552,6 +561,7 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "NPART": str(len(parts)),
         "PREFETCH_EDGES": str(spec.prefetch),
         "STREAM_W": str(int(spec.stream_w)),
+        "DY_ATOMIC": str(int(spec.dy_atomic)),
         "EDGES_PER_WARP": str(spec.edges_per_warp),
         "SEGMENTED": str(int(spec.segmented)),
         "KIND": str(spec.kind),
