@@ -19,7 +19,7 @@
 //   3 double backward, fused: given the incoming (ggx, ggy, ggw) = (X2, Y2, W2) of a backward pass,
 //     acc(gg row = receiver) += w CG(ggx, y) + w CG(x, ggy) + ggw CG(x, y)   -> OUT2
 //     gx[sender] += w CG(., ggy, g) + ggw CG(., y, g)                          -> OUT (atomic)
-//     gy[e]       = sum_u w CG(ggx, ., g) + ggw CG(x, ., g)                    -> DY (per chunk)
+//     gy[e]       = sum_u w CG(ggx, ., g) + ggw CG(x, ., g)                    -> DY (see DY_ATOMIC)
 //     gw[e]       = CG(ggx, y, g) + CG(x, ggy, g)                               -> DW
 
 typedef $$SCALAR$$ scalar_t;

@@ -48,14 +48,12 @@ def main():
             ggx, ggy, ggw = torch.randn_like(x), torch.randn_like(y), torch.randn_like(w)
             saved = dict(codegen.COALESCED_DX_ATOMICS)
             for coalesced in (False, True):  # the dx atomics per lane vs staged through shared memory
-                codegen.COALESCED_DX_ATOMICS = {**saved, dname: coalesced}
-                B._FUNCS.clear()  # the setting is not part of the kernel spec
+                codegen.COALESCED_DX_ATOMICS = {**saved, dname: coalesced}  # part of the kernel spec
                 tb = C.time_fn(lambda: B.backward(plan, x, y, w, g, s, r, True, True, True), dev, 3, 20)["median_ms"]
                 td = C.time_fn(lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r), dev, 3, 20)["median_ms"]
                 print(f"{cfg:8s} {dname} coalesced dx atomics {coalesced!s:5s}: bwd {tb:8.3f} ms, fused double "
                       f"{td:8.3f} ms", flush=True)
             codegen.COALESCED_DX_ATOMICS = saved  # the defaults for the subsets below
-            B._FUNCS.clear()
             for atomic_dy in (False, True):  # dy partial rows summed by torch vs added with atomics
                 codegen.ATOMIC_DY = atomic_dy  # part of the kernel spec
                 tb = C.time_fn(lambda: B.backward(plan, x, y, w, g, s, r, True, True, True), dev, 3, 20)["median_ms"]

@@ -40,7 +40,8 @@ def _specs(dtype):
 
 def _prefetch_specs(dtype):
     """The kinds that may prefetch weight rows into L2 (codegen.PREFETCH_EDGES) or stream them
-    (codegen.STREAM_WEIGHTS), or add dy with atomics (codegen.ATOMIC_DY), with those on."""
+    (codegen.STREAM_WEIGHTS), add dy with atomics (codegen.ATOMIC_DY) or stage the dx atomics
+    (codegen.COALESCED_DX_ATOMICS), with those on."""
     return [KernelSpec(KIND_FORWARD, dtype, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, True, DX_NONE, True, True, prefetch=2),
@@ -49,7 +50,9 @@ def _prefetch_specs(dtype):
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, prefetch=1, stream_w=True),
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, stream_w=True),
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, dy_atomic=True),  # dy with atomics
-            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, dy_atomic=True)]
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, dy_atomic=True),
+            KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True),  # staged dx
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True)]
 
 
 def _compiler():

@@ -86,8 +86,7 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     if warps == 0:
         return
     index = device_index(device)
-    args = tuple([_NULL if t is None else np.uint64(t.data_ptr())
-                  for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)]) + (
+    args = tuple(_ptr(t) for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)) + (
         np.int64(num_edges), np.int64(num_items), np.int64(w_stride))
     run_on_torch_stream(_function(plan, spec, index), device, -(-warps // WARPS_PER_BLOCK), THREADS_PER_BLOCK, args)
 
@@ -220,13 +219,14 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     prefetch = codegen.PREFETCH_EDGES.get((kind, dt), 0)
     stream_w = codegen.STREAM_WEIGHTS.get((kind, dt), False)
     dy_atomic = codegen.ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE)
+    coalesced_dx = codegen.COALESCED_DX_ATOMICS.get(dt, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks, prefetch, stream_w, dy_atomic)
+           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks, prefetch, stream_w, dy_atomic, coalesced_dx)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
                                         parts_for(plan, kind, dt, dx_mode), min_blocks, prefetch, stream_w,
-                                        dy_atomic)
+                                        dy_atomic, coalesced_dx)
     return spec
 
 

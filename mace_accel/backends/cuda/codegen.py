@@ -60,6 +60,8 @@ class KernelSpec:
     #: dy of every (part, chunk) warp added with atomics into one [E, D2] row (runs variant only; the
     #: deterministic variant writes one partial row per (part, chunk), summed in a fixed order)
     dy_atomic: bool = False
+    #: sender-row atomics staged through shared memory (coalesced), see COALESCED_DX_ATOMICS
+    coalesced_dx: bool = False
 
     @property
     def num_parts(self) -> int:
@@ -70,7 +72,8 @@ class KernelSpec:
                 f"_dx{self.dx_mode}_dy{int(self.need_dy)}_dw{int(self.need_dw)}_p{self.num_parts}"
                 + (f"_mb{self.min_blocks}" if self.min_blocks else "")
                 + (f"_pf{self.prefetch}" if self.prefetch else "")
-                + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else ""))
+                + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else "")
+                + ("_cx" if self.coalesced_dx else ""))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -112,7 +115,10 @@ STREAM_WEIGHTS: Dict[Tuple[int, str], bool] = {}
 
 #: Runs-variant kernels (atomic backward, fused double) add their dy into one zeroed [E, D2] buffer with
 #: atomics instead of writing [parts * chunks, E, D2] partial rows that torch then sums (for the MP-0 configs
-#: 4 chunks: 82 MB read and 20 MB written per float64 call, plus a torch launch).
+#: 4 chunks: 82 MB read and 20 MB written per float64 call, plus a torch launch). Kernel alone on the H100,
+#: off -> on (scripts/bwd_breakdown.py, dy_atomic_ab_h100.txt): layer-0 float64 backward 0.631 -> 0.586 ms,
+#: double 1.112 -> 0.999; medium float64 backward 1.741 -> 1.678; large float64 backward 3.407 -> 3.294,
+#: but large float64 double 7.905 -> 8.213. The deterministic variant always keeps the partial rows.
 ATOMIC_DY = True
 
 
@@ -206,6 +212,7 @@ def _by(p, axis: str, first: str, second: str):
 
 
 def _path_is(p):
+    """The in1 components (i) the path's nonzeros use."""
     return sorted({nz[0] for nz in p.nonzeros})
 
 
@@ -271,7 +278,7 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
     if spec.need_dy:
         _emit_dy_reduce(code, in2, all_in2)
     if spec.dx_mode == DX_ATOMIC:
-        _emit_dx_atomic(code, in1, "OUT + s * D1", spec.dtype)
+        _emit_dx_atomic(code, in1, "OUT + s * D1", spec.coalesced_dx)
     elif want_dx:
         code("scalar_t* __restrict__ dx_row = OUT + e * D1;")
         for b, (off, d, mul) in sorted(in1.items()):
@@ -294,7 +301,7 @@ def _grad_x_body(paths, code: _Code, in1, in2, out):
         code("}")
 
 
-def _double_body(paths, code: _Code, in1, in2, all_in2, dtype: str):
+def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool):
     """Fused double backward (KIND 3); see the kernel template's header for the four outputs."""
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
@@ -332,7 +339,7 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, dtype: str):
             _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"z{i}", lambda k: f"g{ob}_{k}"))
         code("}")
     _emit_dy_reduce(code, in2, all_in2)
-    _emit_dx_atomic(code, in1, "OUT + s * D1", dtype)
+    _emit_dx_atomic(code, in1, "OUT + s * D1", coalesced)
 
 
 #: dtype -> whether the per-edge atomics into the sender's gradient row go through the warp's shared-memory
@@ -344,18 +351,18 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, dtype: str):
 COALESCED_DX_ATOMICS = {"float32": False, "float64": True}
 
 
-def _dx_stage_words(in1, dtype: str) -> int:
+def _dx_stage_words(in1, coalesced: bool) -> int:
     """Elements of one warp's shared-memory stage for the coalesced dx atomics (0: not used)."""
     dmax = max((d for (_o, d, _m) in in1.values()), default=1)
-    return WARP_SIZE * dmax if COALESCED_DX_ATOMICS.get(dtype, False) and dmax > 1 else 0
+    return WARP_SIZE * dmax if coalesced and dmax > 1 else 0
 
 
-def _emit_dx_atomic(code: _Code, in1, row: str, dtype: str):
+def _emit_dx_atomic(code: _Code, in1, row: str, coalesced: bool):
     """Add each lane's dx values into the sender's row with atomics. A block with d > 1 components per
     channel is first written to the warp's stage [lane * d + i] and read back transposed, so atomic m of
     the warp covers the 32 consecutive elements m * 32 + lane of the chunk's slice (e3nn layout u * d + i)."""
     code(f"scalar_t* __restrict__ dx_row = {row};")
-    stage = _dx_stage_words(in1, dtype)
+    stage = _dx_stage_words(in1, coalesced)
     for b, (off, d, mul) in sorted(in1.items()):
         if d == 1 or not stage:
             code(f"if (u < {mul}) {{")
@@ -490,7 +497,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     elif spec.kind == KIND_DOUBLE:
         if spec.segmented:
             raise ValueError("the fused double backward runs over receiver-sorted runs (segmented=False)")
-        _double_body(paths, body, in1, in2, all_in2, spec.dtype)
+        _double_body(paths, body, in1, in2, all_in2, spec.coalesced_dx)
         acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")
@@ -540,7 +547,8 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     # one part)
     stage = 0
     if spec.kind == KIND_DOUBLE or spec.dx_mode == DX_ATOMIC:
-        stage = max(_dx_stage_words(_blocks([plan.paths[i] for i in part])[0], spec.dtype) for part in parts)
+        stage = max(_dx_stage_words(_blocks([plan.paths[i] for i in part])[0], spec.coalesced_dx)
+                    for part in parts)
     stage_decl = (f"    __shared__ scalar_t dx_stage_all[(THREADS / WARP_SIZE) * {stage}];\n"
                   f"    scalar_t* const dx_stage = dx_stage_all + (threadIdx.x / WARP_SIZE) * {stage};"
                   if stage else "    scalar_t* const dx_stage = nullptr;  // no staged atomics in this kernel")
