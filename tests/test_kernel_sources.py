@@ -141,3 +141,52 @@ def test_csr_source_compiles(tmp_path):
     p = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(path.with_suffix(".cubin")),
                         str(path)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def _run_statements(lines, env):
+    """Evaluate generated statements of the forms ``[const] scalar_t NAME = EXPR;`` and ``NAME += EXPR;`` (the
+    straight-line contraction code) in Python, with ``C(v)`` the identity."""
+    import re
+
+    env = dict(env, C=float)
+    for line in lines:
+        line = line.strip()
+        m = re.fullmatch(r"(?:const )?scalar_t (\w+) = (.+);", line)
+        if m:
+            env[m[1]] = eval(m[2], {}, env)
+            continue
+        m = re.fullmatch(r"(\w+) \+= (.+);", line)
+        assert m, f"unexpected generated statement: {line}"
+        env[m[1]] = env.get(m[1], 0.0) + eval(m[2], {}, env)
+    return env
+
+
+@pytest.mark.parametrize("layer", ["medium1", "large1"])
+def test_factored_contractions_match_the_nonzeros(layer):
+    """The factored FMA chains the kernels are generated from (codegen._factored) compute exactly the sums over
+    the plan's nonzeros: out_k = sum c x_i y_j (forward) and t_i = sum c y_j g_k (backward), per path, on random
+    values. A wrong grouping or index shows here, on the CPU, before any GPU run."""
+    import random
+
+    from mace_accel.backends.cuda import codegen as cg
+
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    rng = random.Random(0)
+    for p in plan.paths:
+        o2, ob = p.in2_offset, p.out_block
+        env = {f"wx{i}": rng.uniform(-1, 1) for i in range(p.d1)}
+        env.update({f"y{o2 + j}": rng.uniform(-1, 1) for j in range(p.d2)})
+        env.update({f"g{ob}_{k}": rng.uniform(-1, 1) for k in range(p.do)})
+        code = cg._Code(0)
+        for k, terms in cg._by(p, "k", "i", "j"):
+            cg._accumulate(code, f"a{ob}_{k}", cg._factored(terms, lambda i: f"wx{i}", lambda j: f"y{o2 + j}"))
+        t = cg._t_stmts(code, p, "y", "g", "t")
+        got = _run_statements(code.lines, env)
+        for k in range(p.do):
+            want = sum(c * env[f"wx{i}"] * env[f"y{o2 + j}"] for i, j, kk, c in p.nonzeros if kk == k)
+            assert abs(got.get(f"a{ob}_{k}", 0.0) - want) <= 1e-12 * (1 + abs(want)), (p.index, k)
+        for i in range(p.d1):
+            want = sum(c * env[f"y{o2 + j}"] * env[f"g{ob}_{k}"] for ii, j, k, c in p.nonzeros if ii == i)
+            assert (i in t) == any(nz[0] == i for nz in p.nonzeros)
+            assert abs(got.get(f"t{i}", 0.0) - want) <= 1e-12 * (1 + abs(want)), (p.index, i)
