@@ -164,8 +164,8 @@ def _run_statements(lines, env):
 @pytest.mark.parametrize("layer", ["medium1", "large1"])
 def test_factored_contractions_match_the_nonzeros(layer):
     """The factored FMA chains the kernels are generated from (codegen._factored) compute exactly the sums over
-    the plan's nonzeros: out_k = sum c x_i y_j (forward) and t_i = sum c y_j g_k (backward), per path, on random
-    values. A wrong grouping or index shows here, on the CPU, before any GPU run."""
+    the plan's nonzeros: out_k = sum c x_i y_j (forward), t_i = sum c y_j g_k and dy_j = sum c x_i g_k
+    (backward), per path, on random values. A wrong grouping or index shows here, on the CPU, before any GPU run."""
     import random
 
     from mace_accel.backends.cuda import codegen as cg
@@ -182,7 +182,12 @@ def test_factored_contractions_match_the_nonzeros(layer):
         for k, terms in cg._by(p, "k", "i", "j"):
             cg._accumulate(code, f"a{ob}_{k}", cg._factored(terms, lambda i: f"wx{i}", lambda j: f"y{o2 + j}"))
         t = cg._t_stmts(code, p, "y", "g", "t")
+        for j, terms in cg._by(p, "j", "i", "k"):
+            cg._accumulate(code, f"dy{o2 + j}", cg._factored(terms, lambda i: f"wx{i}", lambda k: f"g{ob}_{k}"))
         got = _run_statements(code.lines, env)
+        for j in range(p.d2):
+            want = sum(c * env[f"wx{i}"] * env[f"g{ob}_{k}"] for i, jj, k, c in p.nonzeros if jj == j)
+            assert abs(got.get(f"dy{o2 + j}", 0.0) - want) <= 1e-12 * (1 + abs(want)), (p.index, j)
         for k in range(p.do):
             want = sum(c * env[f"wx{i}"] * env[f"y{o2 + j}"] for i, j, kk, c in p.nonzeros if kk == k)
             assert abs(got.get(f"a{ob}_{k}", 0.0) - want) <= 1e-12 * (1 + abs(want)), (p.index, k)
