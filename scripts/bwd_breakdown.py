@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
+from part_sweep import sweep_inputs  # noqa: E402
 
 from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.backends.cuda import codegen  # noqa: E402
@@ -40,12 +41,7 @@ def main():
         node, sh, mid, ins = mace_conv_args(cfg)
         plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
         for dname in a.dtypes:
-            dtype = getattr(torch, dname)
-            x = torch.randn(n, plan.in1_dim, device=dev, dtype=dtype)
-            y = torch.randn(e, plan.in2_dim, device=dev, dtype=dtype)
-            w = torch.randn(e, plan.weight_numel, device=dev, dtype=dtype)
-            g = torch.randn(n, plan.out_dim, device=dev, dtype=dtype)
-            ggx, ggy, ggw = torch.randn_like(x), torch.randn_like(y), torch.randn_like(w)
+            x, y, w, g, ggx, ggy, ggw = sweep_inputs(plan, getattr(torch, dname), n, e, dev)
             saved = dict(codegen.COALESCED_DX_ATOMICS)
             for coalesced in (False, True):  # the dx atomics per lane vs staged through shared memory
                 codegen.COALESCED_DX_ATOMICS = {**saved, dname: coalesced}  # part of the kernel spec

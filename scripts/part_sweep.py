@@ -5,7 +5,8 @@
 For each MACE-MP-0 layer config, dtype and kernel kind (forward, atomic backward, fused double backward) on
 the benchmark's Cu graph, sets the per-lane register budget (``codegen.PART_MAX_LANE_WORDS``; 0 = one part)
 and times the kernel call alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups).
-Every split result is compared with the one-part result (max relative difference, must be rounding only).
+Every split result is compared with the first budget's (default 0: one part; max relative difference, must be
+rounding only).
 Prints one line per (cell, budget): parts, ms, and the relative difference.
 """
 import argparse
@@ -40,6 +41,66 @@ def specs_for(plan, dt, budget):
     ]
 
 
+def sweep_inputs(plan, dtype, n: int, e: int, dev):
+    """Fresh random inputs of one conv problem on the benchmark graph: (x, y, w, g, ggx, ggy, ggw)."""
+    x, ggx = (torch.randn(n, plan.in1_dim, device=dev, dtype=dtype) for _ in range(2))
+    y, ggy = (torch.randn(e, plan.in2_dim, device=dev, dtype=dtype) for _ in range(2))
+    w, ggw = (torch.randn(e, plan.weight_numel, device=dev, dtype=dtype) for _ in range(2))
+    g = torch.randn(n, plan.out_dim, device=dev, dtype=dtype)
+    return x, y, w, g, ggx, ggy, ggw
+
+
+def sweep_calls(plan, inputs, s, r, n: int):
+    """The backend calls the sweeps time: forward, atomic backward (dx, dy, dw), fused double backward."""
+    x, y, w, g, ggx, ggy, ggw = inputs
+    return {
+        "fwd": lambda: B.forward(plan, x, y, w, s, r, n),
+        "bwd": lambda: B.backward(plan, x, y, w, g, s, r, True, True, True),
+        "double": lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r),
+    }
+
+
+def mp0_plans(configs):
+    """{config: plan} of the MACE-MP-0 conv layers (tests/tp_cases.py)."""
+    plans = {}
+    for cfg in configs:
+        node, sh, mid, ins = mace_conv_args(cfg)
+        plans[cfg] = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    return plans
+
+
+def precompile(jobs) -> None:
+    """Compile every (plan, spec) first, in parallel (NVRTC; the disk cache makes reruns instant)."""
+    jobs = list(jobs)
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda j: B._function(j[0], j[1], 0), jobs))
+    print(f"compiled {len(jobs)} kernels", flush=True)
+
+
+def run_sweep(a, plans, graph, dev, settings, apply, describe, reset) -> None:
+    """Time the call of each (config, dtype, kind) of ``a`` under every setting, in order: ``apply(kind, dtype,
+    setting)`` sets it, ``describe(plan, kind, dtype, setting)`` names it in the printed line, ``reset(kind,
+    dtype)`` restores the default after the kind. Each result is compared with the first setting's."""
+    s, r, n, e = graph
+    for cfg in a.configs:
+        plan = plans[cfg]
+        for dname in a.dtypes:
+            calls = sweep_calls(plan, sweep_inputs(plan, getattr(torch, dname), n, e, dev), s, r, n)
+            for kname in a.kinds:
+                kind = KINDS[kname]
+                ref = None
+                for setting in settings:
+                    apply(kind, dname, setting)
+                    res = calls[kname]()
+                    diff = 0.0 if ref is None else maxrel(res, ref)
+                    ref = res if ref is None else ref
+                    t = C.time_fn(calls[kname], dev, 3, 20)["median_ms"]
+                    print(f"{cfg:8s} {dname} {kname:6s} {describe(plan, kind, dname, setting)} {t:8.3f} ms  "
+                          f"maxrel vs first {diff:.1e}", flush=True)
+                    del res
+                reset(kind, dname)
+
+
 def maxrel(a, b):
     a = a if isinstance(a, (tuple, list)) else (a,)
     b = b if isinstance(b, (tuple, list)) else (b,)
@@ -55,46 +116,24 @@ def main():
     a = ap.parse_args()
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev)
-    plans = {}
-    for cfg in a.configs:
-        node, sh, mid, ins = mace_conv_args(cfg)
-        plans[cfg] = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
-    # compile every variant first, in parallel (NVRTC; the disk cache makes reruns instant)
+    plans = mp0_plans(a.configs)
     jobs = {(plans[c].key, sp) for c in a.configs for dt in a.dtypes for b in a.budgets
             for sp in specs_for(plans[c], dt, b)}
     plan_by_key = {p.key: p for p in plans.values()}
-    with ThreadPoolExecutor(12) as pool:
-        list(pool.map(lambda j: B._function(plan_by_key[j[0]], j[1], 0), sorted(jobs, key=str)))
-    print(f"compiled {len(jobs)} kernels", flush=True)
+    precompile((plan_by_key[k], sp) for k, sp in sorted(jobs, key=str))
     C.gpu_warmup(dev)
-    for cfg in a.configs:
-        plan = plans[cfg]
-        for dname in a.dtypes:
-            dtype = getattr(torch, dname)
-            x, ggx = (torch.randn(n, plan.in1_dim, device=dev, dtype=dtype) for _ in range(2))
-            y, ggy = (torch.randn(e, plan.in2_dim, device=dev, dtype=dtype) for _ in range(2))
-            w, ggw = (torch.randn(e, plan.weight_numel, device=dev, dtype=dtype) for _ in range(2))
-            g = torch.randn(n, plan.out_dim, device=dev, dtype=dtype)
-            calls = {
-                "fwd": lambda: B.forward(plan, x, y, w, s, r, n),
-                "bwd": lambda: B.backward(plan, x, y, w, g, s, r, True, True, True),
-                "double": lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r),
-            }
-            for kname in a.kinds:
-                kind = KINDS[kname]
-                ref = None
-                for budget in a.budgets:
-                    codegen.PART_MAX_LANE_WORDS[kind] = budget or ONE_PART
-                    parts = codegen.parts_for(plan, kind, dname, codegen.DX_ATOMIC)
-                    res = calls[kname]()
-                    diff = 0.0 if ref is None else maxrel(res, ref)
-                    ref = res if ref is None else ref
-                    t = C.time_fn(calls[kname], dev, 3, 20)["median_ms"]
-                    print(f"{cfg:8s} {dname} {kname:6s} budget {budget:4d} parts {max(1, len(parts))} "
-                          f"{[len(p) for p in parts]!s:22s} {t:8.3f} ms  maxrel vs 1 part {diff:.1e}", flush=True)
-                    del res
-                codegen.PART_MAX_LANE_WORDS[kind] = ONE_PART
 
+    def apply(kind, dname, budget):
+        codegen.PART_MAX_LANE_WORDS[kind] = budget or ONE_PART
+
+    def describe(plan, kind, dname, budget):
+        parts = codegen.parts_for(plan, kind, dname, codegen.DX_ATOMIC)
+        return f"budget {budget:4d} parts {max(1, len(parts))} {[len(p) for p in parts]!s:22s}"
+
+    def reset(kind, dname):
+        codegen.PART_MAX_LANE_WORDS[kind] = ONE_PART
+
+    run_sweep(a, plans, (s, r, n, e), dev, a.budgets, apply, describe, reset)
 
 if __name__ == "__main__":
     main()
