@@ -292,3 +292,33 @@ def test_cuda_bitwise_reproducible():
         runs.append([out, torch.autograd.grad(out, xs, torch.ones_like(out))[0]])
     for r in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], r))
+
+
+def test_weight_gradient_only_when_the_backward_pass_uses_it(monkeypatch):
+    """Trainable weights, forces only (``autograd.grad(out, x)``): the backward computes no weight gradient;
+    asking for the weights too still gives mace's values."""
+    from mace_accel.backends.reference import sc as ref_sc
+
+    ref, acc = make_pair("mp-medium", channels=4)
+    x, y = inputs(acc, 7, torch.float64)
+    x.requires_grad_(True)
+    asked = []
+    backward = ref_sc.backward
+
+    def spy(plan, x_, wn, gout, need_x, need_w):
+        asked.append((need_x, need_w))
+        return backward(plan, x_, wn, gout, need_x, need_w)
+
+    monkeypatch.setattr(ref_sc, "backward", spy)
+    params_a = [p for p in acc.parameters() if p.requires_grad]
+    assert params_a, "the test needs trainable weights"
+    g = torch.randn(7, acc(x, y).shape[1], dtype=torch.float64)
+    gx = torch.autograd.grad(acc(x, y), x, g)[0]
+    assert asked and all(a == (True, False) for a in asked), asked
+    assert rel(gx, torch.autograd.grad(ref(x, y), x, g)[0]) <= 1e-12
+    asked.clear()
+    got = torch.autograd.grad(acc(x, y), [x] + params_a, g)
+    want = torch.autograd.grad(ref(x, y), [x] + [p for p in ref.parameters() if p.requires_grad], g)
+    assert asked and all(a == (True, True) for a in asked), asked
+    for a, b in zip(got, want):
+        assert rel(a, b) <= 1e-12

@@ -4,8 +4,8 @@
 * ``mace_accel::sc_bwd(x, wn, gout, plan_key, need_x, need_w) -> (dx, dw)``
 
 Autograd of ``sc_fwd``: when no graph is requested (inference forces) the backward is one ``sc_bwd`` call
-(on CUDA: the generated grad-x kernel; the weight gradient, when the weights require grad, runs the reference
-formula, see :mod:`mace_accel.backends.cuda.sc`). When a graph is requested (``create_graph=True``: force training, Hessians) the
+(on CUDA: the generated grad-x kernel; the weight gradient, when this backward pass uses it, runs the
+reference formula, see :mod:`mace_accel.backends.cuda.sc`). When a graph is requested (``create_graph=True``: force training, Hessians) the
 backward is the reference executor's formula, made of differentiable torch ops, so every further derivative
 is exact. ``sc_bwd`` itself is therefore only ever called without a graph and has no autograd of its own.
 """
@@ -56,9 +56,23 @@ def _setup(ctx, inputs, output):
     ctx.plan_key = plan_key
 
 
+def _engine_needs(ctx, index: int) -> bool:
+    """Whether this backward pass will use the gradient of input ``index``. ``ctx.needs_input_grad`` only says
+    that the input requires grad; ``torch.autograd.grad(energy, positions)`` on a model with trainable weights
+    does not need the weight gradient (the product basis's per-node weights do not depend on positions), and
+    the engine knows which nodes it will run."""
+    if not ctx.needs_input_grad[index]:
+        return False
+    try:
+        node = ctx.next_functions[index][0]
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, IndexError, RuntimeError):  # older torch, or not inside an engine pass
+        return True
+
+
 def _backward(ctx, gout):
     x, wn = ctx.saved_tensors
-    nx, nw = ctx.needs_input_grad[:2]
+    nx, nw = _engine_needs(ctx, 0), _engine_needs(ctx, 1)
     if not (nx or nw):
         return None, None, None
     if torch.is_grad_enabled():  # a graph is being built: differentiable formula
