@@ -176,7 +176,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int,
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "mean_ms": statistics.fmean(times),
-            "reps": len(times), "warmup": warmup}
+            "reps": len(times), "warmup": warmup, "times": times}
 
 
 def gpu_warmup(device: torch.device, seconds: float = 2.0) -> None:

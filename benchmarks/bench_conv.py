@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -579,6 +580,7 @@ def run_config_dtype(args, report, cfg, cfg_name, dt_name, graph, device, copy_b
             ref_err = (build_err.get("e3nn", {}).get("status", "error"),
                        build_err.get("e3nn", {}).get("error", "e3nn not built"))
 
+        to_time: Dict[str, Dict[str, Any]] = {}
         for impl in args.impls:
             if impl in build_err:
                 record(mode, impl, **build_err[impl], **base(mode))
@@ -610,16 +612,31 @@ def run_config_dtype(args, report, cfg, cfg_name, dt_name, graph, device, copy_b
                              per_tensor=cmp_["per_tensor"], check_edges=ref_edges, notes=out[1])
                 entry["status"] = "ok" if cmp_["rel_err"] <= tol else "mismatch"
                 del out
-            # -- time (a mismatching one too, flagged: its time is not a valid result) --
-            t, err = attempt(lambda: C.time_fn(lambda: run_mode(full(impl), mode), device, args.warmup, args.reps,
-                                               max_seconds=args.max_seconds_per_timing))
-            if err:
-                entry.update(status=err[0], error="timing: " + err[1])
-                C.free_memory(device)
-            else:
-                entry.update(median_ms=t["median_ms"], min_ms=t["min_ms"], mean_ms=t["mean_ms"], reps=t["reps"],
-                             warmup=t["warmup"])
-                sec = t["median_ms"] * 1e-3
+            to_time[impl] = entry  # a mismatching one too, flagged: its time is not a valid result
+        # -- time: rounds that alternate the implementations, so a slow stretch of the host or the GPU (seen on
+        #    the first cells of some runs) is spread over all of them instead of landing on one --
+        samples: Dict[str, List[float]] = {impl: [] for impl in to_time}
+        rounds = max(1, min(args.rounds, args.reps))
+        for k in range(rounds):
+            for impl, entry in to_time.items():
+                if entry["status"] not in ("ok", "reference", "mismatch"):
+                    continue  # its timing failed in an earlier round
+                t, err = attempt(lambda: C.time_fn(
+                    lambda: run_mode(full(impl), mode), device, args.warmup if k == 0 else min(1, args.warmup),
+                    -(-args.reps // rounds), max_seconds=args.max_seconds_per_timing / rounds,
+                    min_reps=-(-5 // rounds)))
+                if err:
+                    entry.update(status=err[0], error="timing: " + err[1])
+                    C.free_memory(device)
+                    continue
+                samples[impl] += t["times"]
+                entry["warmup"] = entry.get("warmup", 0) + t["warmup"]
+        for impl, entry in to_time.items():
+            times = samples[impl]
+            if times and entry["status"] in ("ok", "reference", "mismatch"):
+                entry.update(median_ms=statistics.median(times), min_ms=min(times), mean_ms=statistics.fmean(times),
+                             reps=len(times), rounds=rounds)
+                sec = entry["median_ms"] * 1e-3
                 entry["GBps"] = entry["min_bytes"] / sec / 1e9
                 entry["frac_copy_bw"] = entry["GBps"] / copy_bw["GBps_median"]
                 if entry["flops"]:
@@ -662,6 +679,8 @@ def parse_args(argv=None):
     p.add_argument("--mul", type=int, default=None, help="channel multiplicity (default 128)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="the reps are timed in this many rounds that alternate the implementations (default 4)")
     p.add_argument("--max-seconds-per-timing", type=float, default=6.0,
                    help="a slower measurement runs fewer warm-up calls and reps (>= 5; counts are reported)")
     p.add_argument("--time-budget", type=float, default=330.0,
