@@ -1,6 +1,7 @@
 """MACEAccelCalculator against mace's own MACECalculator, on the bundled model (CPU; GPU tests marked)."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -508,3 +509,43 @@ def test_graph_step_refuses_blocks_whose_padded_edges_may_not_vanish():
         check_model(model)
     c = MACEAccelCalculator(MODEL, device="cpu", accelerate=True)
     check_model(c.model)  # the bundled model's blocks are allowed
+
+
+def test_captured_steps_are_kept_per_signature(calc, monkeypatch):
+    """cuda_graph_cache: alternating structures replay their own captured step (one capture per signature),
+    an edge count above a step's capacity re-captures that signature only, and beyond the cache size the least
+    recently used step is freed. The capture itself is stood in for (CPU); the GPU tests replay real graphs."""
+    from mace_accel.calculator import calculator as C
+
+    made = []
+
+    class FakeStep:
+        def __init__(self, model, batch, capacity, has_volume, r_max, ctx, signature):
+            self.signature, self.capacity = signature, capacity
+            made.append((signature, capacity))
+
+        def fits(self, signature, batch):
+            return signature == self.signature and batch["edge_index"].shape[1] <= self.capacity
+
+        def run(self, batch, cell):
+            return {"signature": self.signature}
+
+    monkeypatch.setattr(C, "GraphStep", FakeStep)
+    c = copy.copy(calc)
+    c._graph_steps, c.cuda_graph_cache = C.OrderedDict(), 2
+    a, b, d = _alloy(), _alloy(rep=(3, 2, 1)), _cluster()
+
+    def call(atoms, edges):
+        return c._graph_call({"edge_index": torch.zeros(2, edges, dtype=torch.long)}, atoms, True)
+
+    for atoms in (a, b, a, b, a):
+        assert call(atoms, 100)["signature"][0] == len(atoms)
+    assert [s[0] for s, _ in made] == [len(a), len(b)]  # two captures for five calls
+    call(a, 10 ** 6)  # more edges than a's capacity: a is captured again, b is kept
+    assert len(made) == 3 and c._graph_step.signature[0] == len(a)
+    call(b, 100)
+    assert len(made) == 3
+    call(d, 100)  # a third signature with a cache of 2: a (least recently used) is freed, b stays
+    assert len(made) == 4 and list(c._graph_steps) == [made[1][0], made[3][0]]
+    with pytest.raises(ValueError, match="cuda_graph_cache"):
+        MACEAccelCalculator(MODEL, device="cpu", accelerate=False, cuda_graph_cache=0)

@@ -13,6 +13,7 @@ import copy
 import inspect
 import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
@@ -119,6 +120,9 @@ class MACEAccelCalculator(Calculator):
             when not deterministic, every interaction block allows padded edges and the system has at most
             ``graph.AUTO_MAX_ATOMS`` atoms; if a capture fails it warns and runs eagerly. ``True``: always,
             and errors are raised. ``False``: eager calls.
+        cuda_graph_cache: how many captured steps are kept, one per (atom count, pbc, stress) signature (NEB
+            images or alternating structures replay their own graph instead of re-capturing); the least
+            recently used one is freed first. Each holds its static buffers and the graph's memory.
 
     Properties: ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å), ``stress`` (eV/Å^3, Voigt order
     xx yy zz yz xz xy, ASE sign convention; available when the cell has a nonzero volume, for open or mixed
@@ -137,6 +141,7 @@ class MACEAccelCalculator(Calculator):
         deterministic: bool = False,
         head: Optional[str] = None,
         cuda_graph: Union[bool, str] = "auto",
+        cuda_graph_cache: int = 4,
         **kwargs,
     ):
         Calculator.__init__(self, **kwargs)
@@ -201,7 +206,10 @@ class MACEAccelCalculator(Calculator):
             raise ValueError("cuda_graph=True needs a CUDA device and deterministic=False")
         self.cuda_graph = use_graph
         self._cuda_graph_option = cuda_graph
-        self._graph_step = None
+        if isinstance(cuda_graph_cache, bool) or not isinstance(cuda_graph_cache, int) or cuda_graph_cache < 1:
+            raise ValueError(f"cuda_graph_cache must be an int >= 1, got {cuda_graph_cache!r}")
+        self.cuda_graph_cache = cuda_graph_cache
+        self._graph_steps: "OrderedDict[tuple, GraphStep]" = OrderedDict()  # least recently used first
 
     # ------------------------------------------------------------------ input
     def _check_atoms(self, atoms) -> None:
@@ -282,7 +290,7 @@ class MACEAccelCalculator(Calculator):
                 if self._cuda_graph_option is True:
                     raise
                 # "auto": say why, then run eagerly from now on (the results below are computed either way)
-                self._graph_step = None
+                self._graph_steps.clear()
                 self.cuda_graph = False
                 warnings.warn(f"MACEAccelCalculator: CUDA-graph capture failed, running eager model calls "
                               f"from now on (pass cuda_graph=False to silence this): {type(exc).__name__}: {exc}",
@@ -313,15 +321,24 @@ class MACEAccelCalculator(Calculator):
         with self._determinism(), torch.enable_grad(), gather:
             yield
 
+    @property
+    def _graph_step(self):
+        """The most recently used captured step (None before the first)."""
+        return next(reversed(self._graph_steps.values()), None)
+
     def _graph_call(self, batch, atoms, has_volume: bool):
-        """The model call through a captured CUDA graph (see :mod:`mace_accel.calculator.graph`)."""
-        step = self._graph_step
+        """The model call through a captured CUDA graph (see :mod:`mace_accel.calculator.graph`), one per
+        signature, at most ``cuda_graph_cache`` of them."""
         signature = (len(atoms), tuple(bool(p) for p in atoms.pbc), bool(has_volume))
+        step = self._graph_steps.get(signature)
         if step is None or not step.fits(signature, batch):
-            self._graph_step = None  # free the old graph's memory first
+            self._graph_steps.pop(signature, None)  # a capture too small for this edge count: free it first
+            while len(self._graph_steps) >= self.cuda_graph_cache:
+                self._graph_steps.popitem(last=False)  # the least recently used
             step = GraphStep(self.model, batch, capacity_for(batch["edge_index"].shape[1]), has_volume,
                              self.r_max, self._call_context, signature)
-            self._graph_step = step
+            self._graph_steps[signature] = step
+        self._graph_steps.move_to_end(signature)
         return step.run(batch, np.asarray(atoms.cell.array, dtype=np.float64).tolist())
 
     def _use_graph(self, n: int) -> bool:
