@@ -514,7 +514,8 @@ def test_graph_step_refuses_blocks_whose_padded_edges_may_not_vanish():
 def test_captured_steps_are_kept_per_signature(calc, monkeypatch):
     """cuda_graph_cache: alternating structures replay their own captured step (one capture per signature),
     an edge count above a step's capacity re-captures that signature only, and beyond the cache size the least
-    recently used step is freed. The capture itself is stood in for (CPU); the GPU tests replay real graphs."""
+    recently used step is freed; a capture that runs out of memory frees the others and retries once. The capture
+    itself is stood in for (CPU); the GPU tests replay real graphs."""
     from mace_accel.calculator import calculator as C
 
     made = []
@@ -549,3 +550,18 @@ def test_captured_steps_are_kept_per_signature(calc, monkeypatch):
     assert len(made) == 4 and list(c._graph_steps) == [made[1][0], made[3][0]]
     with pytest.raises(ValueError, match="cuda_graph_cache"):
         MACEAccelCalculator(MODEL, device="cpu", accelerate=False, cuda_graph_cache=0)
+
+    # a capture that runs out of memory while other signatures' graphs are kept: those are freed, one retry
+    oom = [True]
+
+    class TightStep(FakeStep):
+        def __init__(self, *args):
+            if oom[0] and len(c._graph_steps):
+                oom[0] = False
+                raise torch.cuda.OutOfMemoryError("stand-in")
+            super().__init__(*args)
+
+    monkeypatch.setattr(C, "GraphStep", TightStep)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert call(a, 100)["signature"][0] == len(a)
+    assert not oom[0] and list(c._graph_steps) == [made[-1][0]]

@@ -335,11 +335,21 @@ class MACEAccelCalculator(Calculator):
             self._graph_steps.pop(signature, None)  # a capture too small for this edge count: free it first
             while len(self._graph_steps) >= self.cuda_graph_cache:
                 self._graph_steps.popitem(last=False)  # the least recently used
-            step = GraphStep(self.model, batch, capacity_for(batch["edge_index"].shape[1]), has_volume,
-                             self.r_max, self._call_context, signature)
+            try:
+                step = self._capture(batch, has_volume, signature)
+            except torch.cuda.OutOfMemoryError:
+                if not self._graph_steps:
+                    raise
+                self._graph_steps.clear()  # the other signatures' graphs hold memory: free them, try once more
+                torch.cuda.empty_cache()
+                step = self._capture(batch, has_volume, signature)
             self._graph_steps[signature] = step
         self._graph_steps.move_to_end(signature)
         return step.run(batch, np.asarray(atoms.cell.array, dtype=np.float64).tolist())
+
+    def _capture(self, batch, has_volume: bool, signature):
+        return GraphStep(self.model, batch, capacity_for(batch["edge_index"].shape[1]), has_volume, self.r_max,
+                         self._call_context, signature)
 
     def _use_graph(self, n: int) -> bool:
         if not self.cuda_graph:
