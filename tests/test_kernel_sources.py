@@ -38,7 +38,7 @@ def _specs(dtype):
     ]
 
 
-def _prefetch_specs(dtype):
+def _option_specs(dtype):
     """The kinds that may prefetch weight rows into L2 (codegen.PREFETCH_EDGES) or stream them
     (codegen.STREAM_WEIGHTS), add dy with atomics (codegen.ATOMIC_DY) or stage the dx atomics
     (codegen.COALESCED_DX_ATOMICS), with those on."""
@@ -53,6 +53,19 @@ def _prefetch_specs(dtype):
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, dy_atomic=True),
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True),  # staged dx
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True)]
+
+
+def _launched_specs(plan, dtype):
+    """The specs the CUDA backend builds for its launches (backends.cuda._spec: parts, prefetch, dy atomics,
+    staged dx atomics as the tables pick them for this plan and dtype)."""
+    from mace_accel.backends.cuda import _spec
+
+    return [_spec(plan, KIND_FORWARD, dtype, True),                                 # conv / plain forward
+            _spec(plan, KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True),        # atomic backward
+            _spec(plan, KIND_BACKWARD, dtype, True, DX_NONE, True, True),           # deterministic backward
+            _spec(plan, KIND_BACKWARD, dtype, True, DX_STORE, True, True),          # plain backward
+            _spec(plan, KIND_GRAD_X, dtype, True),                                  # deterministic dx
+            _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True)]          # fused double backward
 
 
 def _compiler():
@@ -74,7 +87,9 @@ def test_generated_sources_compile(layer, tmp_path):
         pytest.skip("neither nvcc nor NVRTC is available on this machine")
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
     plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
-    jobs = [(spec, render(plan, spec)) for dt in ("float32", "float64") for spec in _specs(dt) + _split_specs(plan, dt) + _prefetch_specs(dt)]
+    specs = [spec for dt in ("float32", "float64")
+             for spec in _specs(dt) + _split_specs(plan, dt) + _option_specs(dt) + _launched_specs(plan, dt)]
+    jobs = [(spec, render(plan, spec)) for spec in dict.fromkeys(specs)]  # each distinct spec once
 
     def build(job):
         spec, r = job
