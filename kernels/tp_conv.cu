@@ -94,10 +94,8 @@ __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict_
                                                      const index_t e, const index_t w_stride, const int lane,
                                                      const bool by_this_lane)
 {
-#if PREFETCH_EDGES > 0
-    if (w_stride == 0) return;  // shared weights: one row, cached anyway
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (!by_this_lane) return;
+#if PREFETCH_EDGES > 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (w_stride == 0 || !by_this_lane) return;  // shared weights: one row, cached anyway
     const scalar_t* rows[2] = {W + e * w_stride, (KIND == 3) ? W2 + e * w_stride : nullptr};
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
@@ -117,10 +115,7 @@ __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict_
 #endif
         }
     }
-#else
-    (void)W; (void)W2; (void)e; (void)lane; (void)by_this_lane;  // before sm_90: no prefetch
-#endif
-#else
+#else  // off, or before sm_90: no prefetch
     (void)W; (void)W2; (void)e; (void)w_stride; (void)lane; (void)by_this_lane;
 #endif
 }

@@ -44,6 +44,20 @@ def _backend(t: torch.Tensor):
     return backend_for(t)
 
 
+def engine_needs(ctx, index: int) -> bool:
+    """Whether this backward pass will use the gradient of input ``index``. ``ctx.needs_input_grad`` only says
+    that the input requires grad; ``torch.autograd.grad(energy, positions)`` on a model with trainable weights
+    does not need the weights' gradients (e.g. the product basis's per-node weights do not depend on
+    positions), and the engine knows which nodes it will run."""
+    if not ctx.needs_input_grad[index]:
+        return False
+    try:
+        node = ctx.next_functions[index][0]
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, IndexError, RuntimeError):  # older torch, or not inside an engine pass
+        return True
+
+
 def _fwd_impl(x, y, w, sender, receiver, num_rows, plan_key, deterministic):
     return _backend(x).forward(get_plan(plan_key), x, y, w, sender, receiver, num_rows, deterministic=deterministic)
 
@@ -92,7 +106,7 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_backward(ctx, gout):
     x, y, w, sender, receiver = ctx.saved_tensors
-    nx, ny, nw = ctx.needs_input_grad[:3]
+    nx, ny, nw = engine_needs(ctx, 0), engine_needs(ctx, 1), engine_needs(ctx, 2)
     if not (nx or ny or nw):
         return (None,) * 8
     bwd = _TPBackward.apply if getattr(ctx, "eager", False) else tp_bwd

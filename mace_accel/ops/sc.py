@@ -16,13 +16,12 @@ from typing import Tuple
 import torch
 
 from ..plan.sc import get_sc_plan
+from . import backend_for, engine_needs
 
 _EMPTY = (0,)
 
 
 def _backend(t: torch.Tensor):
-    from . import backend_for
-
     return backend_for(t, "sc")
 
 
@@ -56,23 +55,9 @@ def _setup(ctx, inputs, output):
     ctx.plan_key = plan_key
 
 
-def _engine_needs(ctx, index: int) -> bool:
-    """Whether this backward pass will use the gradient of input ``index``. ``ctx.needs_input_grad`` only says
-    that the input requires grad; ``torch.autograd.grad(energy, positions)`` on a model with trainable weights
-    does not need the weight gradient (the product basis's per-node weights do not depend on positions), and
-    the engine knows which nodes it will run."""
-    if not ctx.needs_input_grad[index]:
-        return False
-    try:
-        node = ctx.next_functions[index][0]
-        return node is None or bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, IndexError, RuntimeError):  # older torch, or not inside an engine pass
-        return True
-
-
 def _backward(ctx, gout):
     x, wn = ctx.saved_tensors
-    nx, nw = _engine_needs(ctx, 0), _engine_needs(ctx, 1)
+    nx, nw = engine_needs(ctx, 0), engine_needs(ctx, 1)
     if not (nx or nw):
         return None, None, None
     if torch.is_grad_enabled():  # a graph is being built: differentiable formula

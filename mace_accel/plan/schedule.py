@@ -86,12 +86,12 @@ class TPPlan:
     @functools.cached_property
     def lane_in1_dim(self) -> int:
         """Components of one channel over the in1 blocks the paths read (values a lane holds per operand)."""
-        return sum(p.d1 for p in {p.in1_block: p for p in self.paths}.values())
+        return lane_dims(self.paths)[0]
 
     @functools.cached_property
     def lane_out_dim(self) -> int:
         """Components of one channel over the output blocks the paths write (a lane's accumulators)."""
-        return sum(p.do for p in {p.out_block: p for p in self.paths}.values())
+        return lane_dims(self.paths)[2]
 
     @property
     def nnz(self) -> int:
@@ -133,6 +133,15 @@ def build_plan(problem: TPProblem) -> TPPlan:
 _REGISTRY = PlanRegistry(build_plan, "tensor-product", "TensorProduct/TensorProductConv")
 register_plan = _REGISTRY.register
 get_plan = _REGISTRY.get
+
+
+def lane_dims(paths) -> Tuple[int, int, int]:
+    """Components of one channel a lane holds for these paths (a plan's, or one output part's): (in1 values,
+    in2 values, output values), each block counted once."""
+    in1 = {p.in1_block: p.d1 for p in paths}
+    in2 = {p.in2_block: p.d2 for p in paths}
+    out = {p.out_block: p.do for p in paths}
+    return sum(in1.values()), sum(in2.values()), sum(out.values())
 
 
 def split_outputs(plan: TPPlan, max_lane_values: int) -> Tuple[Tuple[int, ...], ...]:

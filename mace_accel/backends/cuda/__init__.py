@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ...plan import TPPlan
-from ...plan.schedule import EDGES_PER_WARP, WARPS_PER_BLOCK
+from ...plan.schedule import EDGES_PER_WARP, WARPS_PER_BLOCK, lane_dims
 from . import codegen
 from .codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE, KIND_FORWARD, KIND_GRAD_X,
                       THREADS_PER_BLOCK, KernelSpec, parts_for, render)
@@ -200,7 +200,7 @@ def _dtype(t: torch.Tensor) -> str:
         raise ValueError(f"mace_accel CUDA kernels support float32 and float64, not {t.dtype}") from None
 
 
-def _reduce_partials(plan: TPPlan, dy_part, dw_edge, w):
+def _reduce_partials(dy_part, dw_edge, w):
     """Sum the kernels' per-chunk dy partials, and the per-edge dw when the weights are shared (fixed order:
     deterministic). Either may be None (not asked for)."""
     dy = None if dy_part is None else (dy_part[0] if dy_part.shape[0] == 1 else dy_part.sum(0))
@@ -287,7 +287,7 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
         items = -(-num_edges // spec.edges_per_warp)
         perm, _ = graph_csr(receiver, gout.shape[0], stable=False)  # receiver-grouped runs: few gout reloads
         _launch(plan, spec, dev, items, num_edges, w_stride, OUT=dx, perm=perm, **common)
-    return (dx,) + _reduce_partials(plan, dy_part, dw_edge, w)
+    return (dx,) + _reduce_partials(dy_part, dw_edge, w)
 
 
 #: Per-lane live values (in 32-bit registers) above which the fused double-backward kernel spills badly; the
@@ -309,7 +309,7 @@ def fused_double_fits(plan: TPPlan, dtype: torch.dtype) -> bool:
     if fits is None:
         words = 0
         for part in spec.parts or (tuple(range(len(plan.paths))),):
-            in1, in2, out = codegen.lane_dims([plan.paths[i] for i in part])
+            in1, in2, out = lane_dims([plan.paths[i] for i in part])
             words = max(words, 2 * out + 3 * in1 + 3 * in2)
         fits = _FITS[(plan.key, spec)] = words * (2 if dt == "float64" else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
     return fits
@@ -330,5 +330,5 @@ def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver
     _launch(plan, spec, dev, -(-num_edges // spec.edges_per_warp), num_edges, w_stride, X=x, Y=y, W=w, G=gout,
             sender=sender, receiver=receiver, perm=perm, OUT=gx, DY=gy_part, DW=gw_edge, X2=ggx, Y2=ggy, W2=ggw,
             OUT2=gg)
-    gy, gw = _reduce_partials(plan, gy_part, gw_edge, w)
+    gy, gw = _reduce_partials(gy_part, gw_edge, w)
     return gx, gy, gw, gg

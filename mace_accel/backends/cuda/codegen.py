@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ...plan import TPPlan
-from ...plan.schedule import EDGES_PER_WARP, WARP_SIZE, WARPS_PER_BLOCK, split_outputs
+from ...plan.schedule import EDGES_PER_WARP, WARP_SIZE, WARPS_PER_BLOCK, lane_dims, split_outputs
 
 KIND_FORWARD, KIND_BACKWARD, KIND_GRAD_X, KIND_DOUBLE = 0, 1, 2, 3
 DX_NONE, DX_ATOMIC, DX_STORE = 0, 1, 2
@@ -466,17 +466,10 @@ UNROLL_MAX_ACC_WORDS = 32
 SMALL_FORWARD_UNROLL = {"float32": 2, "float64": 4}
 
 
-def lane_dims(paths) -> Tuple[int, int, int]:
-    """Components of one channel a lane holds for these paths: (in1 values, in2 values, output values)."""
-    in1, in2, out = _blocks(paths)
-    return (sum(d for _o, d, _m in in1.values()), sum(d for _o, d in in2.values()),
-            sum(d for _o, d, _m in out.values()))
-
-
-def _edge_unroll(out_blocks, spec: KernelSpec) -> int:
+def _edge_unroll(paths, spec: KernelSpec) -> int:
     if spec.kind != KIND_FORWARD:
         return 1
-    words = sum(d for (_o, d, _m) in out_blocks.values()) * (2 if spec.dtype == "float64" else 1)
+    words = lane_dims(paths)[2] * (2 if spec.dtype == "float64" else 1)
     return SMALL_FORWARD_UNROLL[spec.dtype] if words <= UNROLL_MAX_ACC_WORDS else 1
 
 
@@ -529,7 +522,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         "SEGMENT_END_STORE": end_store,
         "SEGMENT_END_ATOMIC": end_atomic,
         "EDGE_BODY": body.text(),
-        "EDGE_UNROLL": str(_edge_unroll(out, spec)),
+        "EDGE_UNROLL": str(_edge_unroll(paths, spec)),
     })
 
 
