@@ -4,7 +4,9 @@
 
 Issues 200 forward+backward calls without synchronising (the GPU queue absorbs them), reports host
 microseconds per call for fwd and fwd_bwd (receiver order forgotten before each call, as bench_conv does),
-in 3 rounds (the host's speed drifts); then prints cProfile's top entries for fwd_bwd.
+in 3 rounds (the host's speed drifts); then prints cProfile's top entries for fwd_bwd. ``--micro`` first times
+the building blocks (an identity autograd.Function forward + backward, one CuPy launch of a tiny kernel, a small
+torch.zeros, the unordered receiver grouping), so runs on different hosts can be compared.
 (host_profile_launch_ab_h100.txt came from a version that also timed a raw cuLaunchKernel path, removed.)
 """
 import argparse
@@ -24,10 +26,53 @@ from mace_accel.backends import cuda as B  # noqa: E402
 from tp_cases import mace_conv_args  # noqa: E402
 
 
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _host_us(fn, calls=300):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def micro(dev, receiver, num_rows):
+    t = torch.randn(64, device=dev, requires_grad=True)
+    keys = receiver.long().contiguous()
+    counters = torch.zeros(2 * num_rows + 2, dtype=torch.int32, device=dev)
+    fn = B._csr_function("count", B.device_index(dev))
+    seg = torch.empty(num_rows + 1, dtype=torch.int64, device=dev)
+    import numpy as np
+    items = {
+        "autograd.Function fwd+grad": lambda: torch.autograd.grad(_Identity.apply(t), (t,), t),
+        "torch.zeros(4k int32)": lambda: torch.zeros(2 * num_rows + 2, dtype=torch.int32, device=dev),
+        "torch.empty(4k int64)": lambda: torch.empty(num_rows + 1, dtype=torch.int64, device=dev),
+        "CuPy launch (1 block)": lambda: B.run_on_torch_stream(fn, dev, 1, B.CSR_THREADS, (
+            B._ptr(keys), B._ptr(counters), B._ptr(seg), np.int64(0), np.int64(num_rows))),
+        "csr_unordered": lambda: B.csr_unordered(keys, num_rows),
+    }
+    for name, f in items.items():
+        print(f"micro {name}: host {min(_host_us(f) for _ in range(3)):.1f} us per call", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="layer0")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--no-cprofile", action="store_true")
     a = ap.parse_args()
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev, announce=False)
@@ -47,6 +92,8 @@ def main():
     def fwd_bwd():
         return torch.autograd.grad(fwd(), (x, y, w), g)
 
+    if a.micro:
+        micro(dev, r, n)
     for rnd in range(3):  # the host's speed drifts: three rounds
         for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             for _ in range(10):
@@ -60,6 +107,8 @@ def main():
             gpu = C.time_fn(fn, dev, 3, 50)["median_ms"] * 1e3
             print(f"round {rnd} {a.config} {a.dtype} {name}: host {host:.0f} us per call, CUDA-event median "
                   f"{gpu:.0f} us", flush=True)
+    if a.no_cprofile:
+        return
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(200):

@@ -159,3 +159,30 @@ def test_normalisation_matches_e3nn_instruction_weights():
             tp = e3nn_tp(node, sh, mid, ins, irrep_normalization=inorm, path_normalization=pnorm)
             for a, b in zip(prob.instructions, tp.instructions):
                 assert math.isclose(a.norm, b.path_weight, rel_tol=1e-15)
+
+
+def test_backward_skips_only_gradients_the_engine_will_not_use(monkeypatch):
+    """ops.engine_needs: under torch.autograd.grad a leaf input cannot be asked about (torch raises, ~30 us of
+    host time), so leaves count as needed without asking; a non-leaf input whose branch the engine will not run
+    gets no gradient computed. Checked through the reference backend's backward calls."""
+    from mace_accel.backends import reference
+
+    node, sh, mid, ins = mace_conv_args("layer0", mul=4)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins).double()
+    n = 5
+    s, r = random_graph(n, 12, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(n, node.dim, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(12, sh.dim, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(12, conv.weight_numel, dtype=torch.float64, requires_grad=True)
+    asked, needs = [], []
+    real = torch._C._will_engine_execute_node
+    monkeypatch.setattr(torch._C, "_will_engine_execute_node", lambda node: asked.append(node) or real(node))
+    real_bwd = reference.backward
+    monkeypatch.setattr(reference, "backward", lambda *a, **k: needs.append(a[7:10]) or real_bwd(*a, **k))
+    w = w0 * 2.0  # non-leaf: the engine is asked whether its branch runs
+    gx, = torch.autograd.grad(conv(x, y, w, s, r, n).square().sum(), (x,))
+    assert len(asked) == 1  # only w's node; x and y are leaves
+    assert needs == [(True, True, False)]  # w's gradient is not computed: grad() only asked for x
+    gx_all, _ = torch.autograd.grad(conv(x, y, w, s, r, n).square().sum(), (x, w))
+    assert needs[-1] == (True, True, True)
+    assert torch.equal(gx, gx_all)

@@ -86,8 +86,9 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     if warps == 0:
         return
     index = device_index(device)
-    args = tuple(_ptr(t) for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)) + (
-        np.int64(num_edges), np.int64(num_items), np.int64(w_stride))
+    args = tuple([_NULL if t is None else np.uint64(t.data_ptr())
+                  for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)]
+                 + [np.int64(num_edges), np.int64(num_items), np.int64(w_stride)])
     run_on_torch_stream(_function(plan, spec, index), device, -(-warps // WARPS_PER_BLOCK), THREADS_PER_BLOCK, args)
 
 
@@ -129,23 +130,25 @@ def _csr_function(suffix: str, device_index: int):
 
 def csr_unordered(keys: torch.Tensor, num_rows: int):
     """(perm, seg_ptr) like :func:`csr`, but the order of the edges inside a row is the order in which atomics
-    arrived (varies between runs): two small kernels and a prefix sum instead of a radix sort (about 0.05 ms
-    of GPU time and 100 us of host time less per call on the H100). For the atomic variant only."""
+    arrived (varies between runs): a memset and two small kernels (count + prefix sum in the last block, then
+    place) instead of a radix sort. For the atomic variant only."""
     if keys.dtype != torch.int64 or not keys.is_contiguous():
         keys = keys.to(torch.int64).contiguous()
     n, dev = keys.shape[0], keys.device
     perm = torch.empty(n, dtype=torch.int64, device=dev)
     if n == 0:
         return perm, torch.zeros(num_rows + 1, dtype=torch.int64, device=dev)
-    counters = torch.zeros(2 * num_rows + 1, dtype=torch.int32, device=dev)  # counts[rows + 1], cursor[rows]
-    counts, cursor = counters[:num_rows + 1], counters[num_rows + 1:]
+    seg = torch.empty(num_rows + 1, dtype=torch.int64, device=dev)
+    # counts[rows + 1], cursor[rows], blocks-done ticket: one zeroed buffer
+    counters = torch.zeros(2 * num_rows + 2, dtype=torch.int32, device=dev)
     index = device_index(dev)
     blocks = -(-n // CSR_THREADS)
     args = (np.int64(n), np.int64(num_rows))
-    run_on_torch_stream(_csr_function("count", index), dev, blocks, CSR_THREADS, (_ptr(keys), _ptr(counts)) + args)
-    seg = torch.cumsum(counts, 0, dtype=torch.int64)
+    run_on_torch_stream(_csr_function("count", index), dev, blocks, CSR_THREADS,
+                        (_ptr(keys), _ptr(counters), _ptr(seg)) + args)
+    cursor = np.uint64(counters.data_ptr() + 4 * (num_rows + 1))
     run_on_torch_stream(_csr_function("place", index), dev, blocks, CSR_THREADS,
-                        (_ptr(keys), _ptr(seg), _ptr(cursor), _ptr(perm)) + args)
+                        (_ptr(keys), _ptr(seg), cursor, _ptr(perm)) + args)
     return perm, seg
 
 
