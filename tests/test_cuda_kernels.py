@@ -272,3 +272,33 @@ def test_torch_compile_cuda():
     assert rel(val, val_ref) < 1e-5
     for a, b in zip(g, g_ref):
         assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["layer0", "medium1"])
+def test_double_backward_with_and_without_grad_of_gout(layer, dtype):
+    """The fused double backward with the gradient w.r.t. gout (gout requires grad: the kernel computes gg) and
+    without it (gout constant: the gg contraction is compiled out) both match e3nn, gg included."""
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins)
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=5)
+    n = x.shape[0]
+    _, gtol = TOL[dtype]
+    go = torch.randn(n, conv.plan.out_dim, dtype=torch.float64, device=DEV)
+    vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
+
+    def second(fn, args, go, with_gout):
+        args = [a.clone().requires_grad_(True) for a in args]
+        go = go.clone().requires_grad_(with_gout)
+        g1 = torch.autograd.grad(fn(*args), args, go, create_graph=True)
+        loss = sum((a * v.to(a.dtype)).sum() for a, v in zip(g1, vs))
+        return torch.autograd.grad(loss, args + ([go] if with_gout else []))
+
+    for with_gout in (True, False):
+        ref = second(lambda a, b, c: e3nn_conv(tp64, a, b, c, s, r, n), [t.double() for t in (x, y, w)], go,
+                     with_gout)
+        out = second(lambda a, b, c: conv(a, b, c, s, r), [x, y, w], go.to(dtype), with_gout)
+        assert len(out) == len(ref) == (4 if with_gout else 3)
+        for name, a, b in zip("xywg", out, ref):
+            assert rel(a.double(), b) < gtol, f"with_gout={with_gout} d/d{name}"

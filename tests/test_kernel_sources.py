@@ -65,7 +65,8 @@ def _launched_specs(plan, dtype):
             _spec(plan, KIND_BACKWARD, dtype, True, DX_NONE, True, True),           # deterministic backward
             _spec(plan, KIND_BACKWARD, dtype, True, DX_STORE, True, True),          # plain backward
             _spec(plan, KIND_GRAD_X, dtype, True),                                  # deterministic dx
-            _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True)]          # fused double backward
+            _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True),          # fused double backward
+            _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, need_gg=False)]  # ... without gg
 
 
 def _compiler():

@@ -156,7 +156,8 @@ def _bwd_backward(ctx, ggx, ggy, ggw):
     ggx = ggx if (need_x and ggx is not None and ggx.numel()) else None
     ggy = ggy if (need_y and ggy is not None and ggy.numel()) else None
     ggw = ggw if (need_w and ggw is not None and ggw.numel()) else None
-    rx, ry, rw, rg = ctx.needs_input_grad[:4]
+    rx, ry, rw = ctx.needs_input_grad[:3]
+    rg = engine_needs(ctx, 3)  # False when the first pass started from a constant upstream gradient
     num_rows = gout.shape[0]
     # Not differentiated further (no create_graph): one fused kernel instead of 3 forward + 3 backward,
     # where its per-lane state fits in registers.
@@ -165,10 +166,10 @@ def _bwd_backward(ctx, ggx, ggy, ggw):
     if fused:
         from ..backends import cuda
 
-        fused = cuda.fused_double_fits(get_plan(key), x.dtype)
+        fused = cuda.fused_double_fits(get_plan(key), x.dtype, need_gg=rg)
     if fused:
         gx, gy, gw, gg = cuda.double_backward(get_plan(key), x, y, w, gout, ggx.contiguous(), ggy.contiguous(),
-                                              ggw.contiguous(), sender, receiver)
+                                              ggw.contiguous(), sender, receiver, need_gg=rg)
         return ((gx if rx else None), (gy if ry else None), (gw if rw else None), (gg if rg else None)) \
             + (None,) * 7
     # the custom ops' autograd calls the custom ops (traceable); the eager Functions call the Functions

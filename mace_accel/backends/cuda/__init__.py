@@ -215,7 +215,7 @@ _SPECS: Dict[tuple, KernelSpec] = {}
 
 
 def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_NONE, need_dy: bool = False,
-          need_dw: bool = False, edges_per_warp: int = RUN_EDGES_PER_WARP) -> KernelSpec:
+          need_dw: bool = False, edges_per_warp: int = RUN_EDGES_PER_WARP, need_gg: bool = True) -> KernelSpec:
     """The kernel spec for a launch, with the output parts the schedule picks for this plan and dtype
     (memoised: this runs on every call, and splitting the paths is Python work)."""
     min_blocks = codegen.MIN_BLOCKS_PER_SM.get((kind, dt), 0)
@@ -223,13 +223,15 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     stream_w = codegen.STREAM_WEIGHTS.get((kind, dt), False)
     dy_atomic = codegen.ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE)
     coalesced_dx = codegen.COALESCED_DX_ATOMICS.get(dt, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
+    need_gg = need_gg or kind != KIND_DOUBLE
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-           codegen.PART_MAX_LANE_WORDS.get(kind), min_blocks, prefetch, stream_w, dy_atomic, coalesced_dx)
+           codegen.PART_MAX_LANE_WORDS.get(kind), codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.get(dt), min_blocks, prefetch,
+           stream_w, dy_atomic, coalesced_dx, need_gg)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-                                        parts_for(plan, kind, dt, dx_mode), min_blocks, prefetch, stream_w,
-                                        dy_atomic, coalesced_dx)
+                                        parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks,
+                                        prefetch, stream_w, dy_atomic, coalesced_dx, need_gg)
     return spec
 
 
@@ -302,31 +304,32 @@ FUSED_DOUBLE_MAX_LANE_WORDS = 256
 _FITS: Dict[Tuple[str, KernelSpec], bool] = {}
 
 
-def fused_double_fits(plan: TPPlan, dtype: torch.dtype) -> bool:
+def fused_double_fits(plan: TPPlan, dtype: torch.dtype, need_gg: bool = True) -> bool:
     """Whether every output part of the fused double-backward kernel keeps its lane state in registers:
-    acc + gout per output value, x + ggx + gx per in1 value, y + ggy + gy per in2 value (memoised per spec:
-    asked on every double backward)."""
+    gout (+ the gg accumulator when ``need_gg``) per output value, x + ggx + gx per in1 value, y + ggy + gy
+    per in2 value (memoised per spec: asked on every double backward)."""
     dt = _DTYPES.get(dtype, "float64")
-    spec = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True)
+    spec = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True, need_gg=need_gg)
     fits = _FITS.get((plan.key, spec))
     if fits is None:
         words = 0
         for part in spec.parts or (tuple(range(len(plan.paths))),):
             in1, in2, out = lane_dims([plan.paths[i] for i in part])
-            words = max(words, 2 * out + 3 * in1 + 3 * in2)
+            words = max(words, (2 if need_gg else 1) * out + 3 * in1 + 3 * in2)
         fits = _FITS[(plan.key, spec)] = words * (2 if dt == "float64" else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
     return fits
 
 
-def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver):
+def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver, need_gg: bool = True):
     """Fused derivative of the backward pass (atomic variant, conv only): one pass over the edges instead of
-    three forward and three backward passes. Returns (gx, gy, gw, ggout)."""
+    three forward and three backward passes. Returns (gx, gy, gw, ggout); ggout is None unless ``need_gg``
+    (the kernel then skips that contraction)."""
     dt, dev = _dtype(x), x.device
     num_edges = y.shape[0]
     w_stride = plan.weight_numel if w.dim() == 2 else 0
     gx = torch.zeros_like(x)
-    gg = torch.zeros_like(gout)
-    spec = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True)
+    gg = torch.zeros_like(gout) if need_gg else None
+    spec = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True, need_gg=need_gg)
     gy_part = _dy_partials(plan, spec, x, num_edges)
     gw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev)
     perm, _ = graph_csr(receiver, gout.shape[0], stable=False)

@@ -62,6 +62,10 @@ class KernelSpec:
     dy_atomic: bool = False
     #: sender-row atomics staged through shared memory (coalesced), see COALESCED_DX_ATOMICS
     coalesced_dx: bool = False
+    #: KIND 3: also compute the gradient w.r.t. gout (OUT2). Off when nothing asks for it (gout is a constant
+    #: of the first backward pass, as in a force loss's d/dweights when the energy's upstream is fixed): one
+    #: of the four contractions, and its accumulators, drop out
+    need_gg: bool = True
 
     @property
     def num_parts(self) -> int:
@@ -73,7 +77,7 @@ class KernelSpec:
                 + (f"_mb{self.min_blocks}" if self.min_blocks else "")
                 + (f"_pf{self.prefetch}" if self.prefetch else "")
                 + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else "")
-                + ("_cx" if self.coalesced_dx else ""))
+                + ("_cx" if self.coalesced_dx else "") + ("" if self.need_gg else "_nogg"))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -82,6 +86,11 @@ class KernelSpec:
 #: large layer-1 float64 forward 2.09 -> 1.70, backward 5.49 -> 4.95, double 32.4 -> 11.2 (3 parts); medium
 #: float64 double 4.98 -> 3.75; every kernel that already fits keeps one part (smaller budgets were slower).
 PART_MAX_LANE_WORDS = {KIND_FORWARD: 96, KIND_BACKWARD: 96, KIND_DOUBLE: 96}
+#: dtype -> the same budget for the fused double backward without the gradient w.r.t. gout (need_gg=False).
+#: Kernel alone on the H100 (scripts/double_sweep.py, double_sweep_h100.txt), budget 96 -> 64: medium float64
+#: 2.650 -> 2.456 ms (one part -> two), large float64 5.368 -> 5.337 (two -> three); float32 stays at 96:
+#: large float32 2.511 (one part) -> 3.260 (two).
+DOUBLE_NO_GG_MAX_LANE_WORDS = {"float32": 96, "float64": 64}
 
 
 #: (kind, dtype) -> minimum resident blocks per SM asked of the compiler (caps registers per thread at
@@ -123,13 +132,16 @@ ATOMIC_DY = True
 
 
 def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
-              max_words: Optional[int] = None) -> Tuple[Tuple[int, ...], ...]:
+              max_words: Optional[int] = None, need_gg: bool = True) -> Tuple[Tuple[int, ...], ...]:
     """The output parts a kernel of this kind runs with (``()``: one part). Kinds that store a per-edge or
     per-sender row with plain stores (grad-x; backward with DX_STORE) need every path in one warp."""
     if kind == KIND_GRAD_X or dx_mode == DX_STORE:
         return ()
     budget = PART_MAX_LANE_WORDS.get(kind, 1 << 30) if max_words is None else max_words
-    per_value = (2 if dtype == "float64" else 1) * (2 if kind == KIND_DOUBLE else 1)  # double: acc + gout
+    if kind == KIND_DOUBLE and not need_gg and max_words is None:
+        budget = DOUBLE_NO_GG_MAX_LANE_WORDS.get(dtype, budget)
+    # per output value: gout, plus the gg accumulator in the double backward
+    per_value = (2 if dtype == "float64" else 1) * (2 if kind == KIND_DOUBLE and need_gg else 1)
     parts = split_outputs(plan, max(1, budget // per_value))
     return () if len(parts) == 1 else parts
 
@@ -301,8 +313,9 @@ def _grad_x_body(paths, code: _Code, in1, in2, out):
         code("}")
 
 
-def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool):
-    """Fused double backward (KIND 3); see the kernel template's header for the four outputs."""
+def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg: bool = True):
+    """Fused double backward (KIND 3); see the kernel template's header for the four outputs (gg only when
+    ``need_gg``)."""
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     code("const scalar_t* __restrict__ xa_row = X2 + s * D1;")
@@ -325,10 +338,12 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool):
         code(f"  const scalar_t v = (u < {p.mul}) ? LOAD_W(w2_row + {p.weight_offset} + u) : C(0);")
         for i in _path_is(p):  # z = w ggx + v x multiplies y (and g in dy); w x multiplies ggy
             code(f"  const scalar_t z{i} = w * xa{b1}_{i} + v * x{b1}_{i};")
-            code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
-        for k, terms in _by(p, "k", "i", "j"):
-            _accumulate(code, f"a{ob}_{k}", _factored(terms, lambda i: f"z{i}", lambda j: f"y{o2 + j}")
-                        + _factored(terms, lambda i: f"wx{i}", lambda j: f"yb{o2 + j}"))
+            if need_gg:
+                code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
+        if need_gg:
+            for k, terms in _by(p, "k", "i", "j"):
+                _accumulate(code, f"a{ob}_{k}", _factored(terms, lambda i: f"z{i}", lambda j: f"y{o2 + j}")
+                            + _factored(terms, lambda i: f"wx{i}", lambda j: f"yb{o2 + j}"))
         t = _t_stmts(code, p, "y", "g", "t")
         _t_stmts(code, p, "yb", "g", "q")
         for i in t:
@@ -490,7 +505,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     elif spec.kind == KIND_DOUBLE:
         if spec.segmented:
             raise ValueError("the fused double backward runs over receiver-sorted runs (segmented=False)")
-        _double_body(paths, body, in1, in2, all_in2, spec.coalesced_dx)
+        _double_body(paths, body, in1, in2, all_in2, spec.coalesced_dx, spec.need_gg)
         acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")
@@ -500,10 +515,13 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         f"        g{b}_{m} = (u < {mul}) ? g_row[{off} + u * {d} + {m}] : C(0);"
         for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
     if spec.kind == KIND_DOUBLE:
-        state = _acc_decl(acc_blocks) + "\n    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
-        load, zero = "\n".join(g_lines), _acc_zero(acc_blocks)
-        end_store = ""
-        end_atomic = _acc_flush(acc_blocks, row_dim, atomic=True).replace("OUT + row", "OUT2 + row")
+        g_state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
+        load, end_store = "\n".join(g_lines), ""
+        if spec.need_gg:
+            state, zero = _acc_decl(acc_blocks) + "\n" + g_state, _acc_zero(acc_blocks)
+            end_atomic = _acc_flush(acc_blocks, row_dim, atomic=True).replace("OUT + row", "OUT2 + row")
+        else:
+            state, zero, end_atomic = g_state, "", ""
     elif acc_blocks is not None:
         state = _acc_decl(acc_blocks)
         load, zero = "", _acc_zero(acc_blocks)
