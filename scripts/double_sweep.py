@@ -1,13 +1,15 @@
 """Sweep: the fused double-backward kernel with and without the gradient w.r.t. gout (GPU machine).
 
     python scripts/double_sweep.py [--configs layer0 medium1 large1] [--dtypes float32 float64]
-                                   [--budgets 96 64 48 0]
+                                   [--budgets 96 64 48 0] [--min-blocks]
 
 For each MACE-MP-0 layer config and dtype on the benchmark's Cu graph, times ``double_backward`` alone
 (receiver order memoised; CUDA events, median of 20 after 3 warm-ups) with ``need_gg`` on (the four outputs)
 and off (gx, gy, gw only: what a second pass from a constant upstream gradient asks for), the latter under
 several output-part budgets (``codegen.DOUBLE_NO_GG_MAX_LANE_WORDS``; 0 = one part). Every run's gx, gy,
-gw are compared with the need_gg run's (max relative difference: rounding only, atomics' order).
+gw are compared with the need_gg run's (max relative difference: rounding only, atomics' order). Then, at the
+default budget, need_gg off under each ``--min-blocks`` value (``codegen.MIN_BLOCKS_PER_SM[(KIND_DOUBLE,
+dtype)]``: a register cap of 65536 / (blocks * threads per block) per thread).
 """
 import argparse
 import os
@@ -26,6 +28,7 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["layer0", "medium1", "large1"])
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     ap.add_argument("--budgets", nargs="*", type=int, default=[96, 64, 48, 0])
+    ap.add_argument("--min-blocks", nargs="*", type=int, default=[])
     a = ap.parse_args()
     dev = torch.device("cuda")
     s, r, n, e = P.C.cu_graph_on(dev)
@@ -59,6 +62,20 @@ def main():
                 del res
             codegen.PART_MAX_LANE_WORDS[codegen.KIND_DOUBLE] = default
             codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.update(default_no_gg)
+            key = (codegen.KIND_DOUBLE, dname)
+            old = codegen.MIN_BLOCKS_PER_SM.get(key)
+            for mb in a.min_blocks:
+                codegen.MIN_BLOCKS_PER_SM[key] = mb
+                res = call(False)
+                diff = P.maxrel(res[:3], ref[:3])
+                t = P.C.time_fn(lambda: call(False), dev, 3, 20)["median_ms"]
+                print(f"{cfg:8s} {dname} double need_gg=0 min_blocks {mb} {t:8.3f} ms  maxrel vs need_gg=1 "
+                      f"{diff:.1e}", flush=True)
+                del res
+            if old is None:
+                codegen.MIN_BLOCKS_PER_SM.pop(key, None)
+            else:
+                codegen.MIN_BLOCKS_PER_SM[key] = old
 
 
 if __name__ == "__main__":

@@ -54,13 +54,12 @@ def micro(dev, receiver, num_rows):
     counters = torch.zeros(2 * num_rows + 2, dtype=torch.int32, device=dev)
     fn = B._csr_function("count", B.device_index(dev))
     seg = torch.empty(num_rows + 1, dtype=torch.int64, device=dev)
-    import numpy as np
     items = {
         "autograd.Function fwd+grad": lambda: torch.autograd.grad(_Identity.apply(t), (t,), t),
         "torch.zeros(4k int32)": lambda: torch.zeros(2 * num_rows + 2, dtype=torch.int32, device=dev),
         "torch.empty(4k int64)": lambda: torch.empty(num_rows + 1, dtype=torch.int64, device=dev),
         "CuPy launch (1 block)": lambda: B.run_on_torch_stream(fn, dev, 1, B.CSR_THREADS, (
-            B._ptr(keys), B._ptr(counters), B._ptr(seg), np.int64(0), np.int64(num_rows))),
+            B._ptr(keys), B._ptr(counters), B._ptr(seg), 0, num_rows)),
         "csr_unordered": lambda: B.csr_unordered(keys, num_rows),
     }
     for name, f in items.items():

