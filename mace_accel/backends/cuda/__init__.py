@@ -226,15 +226,14 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     dy_atomic = codegen.ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE)
     coalesced_dx = codegen.COALESCED_DX_ATOMICS.get(dt, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
     need_gg = need_gg or kind != KIND_DOUBLE
-    reload_g = kind == KIND_BACKWARD and codegen.RELOAD_GOUT.get((kind, dt), False)
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
            codegen.PART_MAX_LANE_WORDS.get(kind), codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.get(dt), min_blocks, prefetch,
-           stream_w, dy_atomic, coalesced_dx, need_gg, reload_g)
+           stream_w, dy_atomic, coalesced_dx, need_gg)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
                                         parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks,
-                                        prefetch, stream_w, dy_atomic, coalesced_dx, need_gg, reload_g)
+                                        prefetch, stream_w, dy_atomic, coalesced_dx, need_gg)
     return spec
 
 

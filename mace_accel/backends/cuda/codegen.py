@@ -66,9 +66,6 @@ class KernelSpec:
     #: of the first backward pass, as in a force loss's d/dweights when the energy's upstream is fixed): one
     #: of the four contractions, and its accumulators, drop out
     need_gg: bool = True
-    #: KIND 1: read the receiver's gout values from L1 inside each path instead of holding them in registers
-    #: for the whole run, see RELOAD_GOUT
-    reload_g: bool = False
 
     @property
     def num_parts(self) -> int:
@@ -80,7 +77,7 @@ class KernelSpec:
                 + (f"_mb{self.min_blocks}" if self.min_blocks else "")
                 + (f"_pf{self.prefetch}" if self.prefetch else "")
                 + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else "")
-                + ("_cx" if self.coalesced_dx else "") + ("" if self.need_gg else "_nogg") + ("_rg" if self.reload_g else ""))
+                + ("_cx" if self.coalesced_dx else "") + ("" if self.need_gg else "_nogg"))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -258,20 +255,7 @@ def _t_stmts(code: _Code, p, y_name: str, g_name: str, t_name: str):
     return out
 
 
-#: (kind, dtype) -> the backward reads the receiver's gout row from L1 where a path uses it (the row is the
-#: same for the whole run, so these are cache hits) instead of holding all of the lane's gout values (71 for
-#: large layer 1) in registers from the start of the run.
-RELOAD_GOUT: Dict[Tuple[int, str], bool] = {}
-
-
-def _g_loads(code: _Code, p, out):
-    """The gout values path ``p`` uses, read from the run's row (``reload_g``)."""
-    off, d, mul = out[p.out_block]
-    for k in sorted({nz[2] for nz in p.nonzeros}):
-        code(f"  const scalar_t g{p.out_block}_{k} = (u < {mul}) ? g_row[{off} + u * {d} + {k}] : C(0);")
-
-
-def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, out=None):
+def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
@@ -289,8 +273,6 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, out=
         b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
         code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
-        if spec.reload_g:
-            _g_loads(code, p, out)
         if want_dx or spec.need_dw:
             t = _t_stmts(code, p, "y", "g", "t")
             if want_dx:
@@ -515,7 +497,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         _forward_body(paths, body, in1, in2)
         acc_blocks, row_dim = out, "DO"
     elif spec.kind == KIND_BACKWARD:
-        _backward_body(paths, spec, body, in1, in2, all_in2, out)
+        _backward_body(paths, spec, body, in1, in2, all_in2)
         acc_blocks, row_dim = None, None
     elif spec.kind == KIND_GRAD_X:
         _grad_x_body(paths, body, in1, in2, out)
@@ -545,10 +527,6 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         load, zero = "", _acc_zero(acc_blocks)
         end_store = _acc_flush(acc_blocks, row_dim, atomic=False)
         end_atomic = _acc_flush(acc_blocks, row_dim, atomic=True)
-    elif spec.reload_g:  # backward, gout read where used: the state is the row pointer
-        state = "    const scalar_t* __restrict__ g_row = G;"
-        load, zero = "        g_row = G + row * DO;", ""
-        end_store = end_atomic = ""
     else:  # backward: the segment's state is the output gradient row, reloaded when the receiver changes
         state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
         load, zero = "\n".join(g_lines), ""
