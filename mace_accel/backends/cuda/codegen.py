@@ -62,9 +62,9 @@ class KernelSpec:
     dy_atomic: bool = False
     #: sender-row atomics staged through shared memory (coalesced), see COALESCED_DX_ATOMICS
     coalesced_dx: bool = False
-    #: KIND 3: also compute the gradient w.r.t. gout (OUT2). Off when nothing asks for it (gout is a constant
-    #: of the first backward pass, as in a force loss's d/dweights when the energy's upstream is fixed): one
-    #: of the four contractions, and its accumulators, drop out
+    #: KIND 3: also compute the gradient w.r.t. gout (OUT2). Off when the engine will not use it (the first
+    #: backward started from a constant upstream gradient: a benchmark's grad_outputs, a Hessian-vector
+    #: product); one of the four contractions, its accumulators and their flush atomics then drop out
     need_gg: bool = True
 
     @property
