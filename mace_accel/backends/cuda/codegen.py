@@ -361,9 +361,11 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg
 #: stage (coalesced: consecutive lanes add consecutive elements) instead of each lane adding its own channel's
 #: d components (lanes d elements apart: one 32-byte sector per lane and instruction). Kernel alone on the
 #: H100 (scripts/bwd_breakdown.py, bwd_breakdown_coalesced_h100.txt), off -> on: float64 large backward
-#: 5.07 -> 3.43 ms, double 10.24 -> 8.42, medium backward 1.79 -> 1.75, double 3.28 -> 3.12; float32 large
-#: backward 1.87 -> 2.32 (slower), medium double 1.58 -> 1.63: off for float32.
-COALESCED_DX_ATOMICS = {"float32": False, "float64": True}
+#: 5.07 -> 3.43 ms, double 10.24 -> 8.42, medium backward 1.79 -> 1.75, double 3.28 -> 3.12. float32 read
+#: slower there (large backward 1.87 -> 2.32); re-measured after the no-gg double and with the stage 16-byte
+#: aligned (scripts/dx_atomic_sweep.py, dx_atomic_sweep_h100.txt), off -> on: large backward 1.855 -> 1.557,
+#: medium backward 0.862 -> 0.764, large no-gg double 2.507 -> 2.262, medium no-gg double 1.174 -> 1.246.
+COALESCED_DX_ATOMICS = {"float32": True, "float64": True}
 
 
 def _dx_stage_words(in1, coalesced: bool) -> int:
@@ -560,7 +562,7 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     if spec.kind == KIND_DOUBLE or spec.dx_mode == DX_ATOMIC:
         stage = max(_dx_stage_words(_blocks([plan.paths[i] for i in part])[0], spec.coalesced_dx)
                     for part in parts)
-    stage_decl = (f"    __shared__ scalar_t dx_stage_all[(THREADS / WARP_SIZE) * {stage}];\n"
+    stage_decl = (f"    __shared__ __align__(16) scalar_t dx_stage_all[(THREADS / WARP_SIZE) * {stage}];\n"
                   f"    scalar_t* const dx_stage = dx_stage_all + (threadIdx.x / WARP_SIZE) * {stage};"
                   if stage else "    scalar_t* const dx_stage = nullptr;  // no staged atomics in this kernel")
     part_src = "\n".join(_render_part(plan, spec, [plan.paths[i] for i in part], n, prefix)
