@@ -5,7 +5,7 @@
 # Writes under $OUT (or benchmarks/results/ when OUT is unset): gpu_tests.log, bench_conv_h100.json/.png,
 # bench_ase_h100.json. About 3 + 4 + 1.5 minutes on an H100. `probes` (not part of all): per-kernel times of
 # every bench_conv cell, the output-part sweep, the layer-0 unroll sweep, the double-backward (d/dgout, parts)
-# sweep and the float32 dx-atomics sweep (about 8 minutes; over one call's 10-minute limit with the others).
+# sweep and the float32 dx-atomics sweep (about 8 minutes: give it its own device call).
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-benchmarks/results}
