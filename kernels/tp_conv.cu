@@ -91,8 +91,7 @@ static_assert(PREFETCH_EDGES < WARP_SIZE, "prefetch distance must stay inside on
 // Hint: bring the weight row(s) of edge e into L2 (no registers held, no effect on results): on sm_90+ one
 // bulk prefetch per row (16-byte aligned start, size rounded down to 16 bytes); older GPUs skip it.
 __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict__ W, const scalar_t* __restrict__ W2,
-                                                     const index_t e, const index_t w_stride, const int lane,
-                                                     const bool by_this_lane)
+                                                     const index_t e, const index_t w_stride, const bool by_this_lane)
 {
 #if PREFETCH_EDGES > 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (w_stride == 0 || !by_this_lane) return;  // shared weights: one row, cached anyway
@@ -116,7 +115,7 @@ __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict_
         }
     }
 #else  // off, or before sm_90: no prefetch
-    (void)W; (void)W2; (void)e; (void)w_stride; (void)lane; (void)by_this_lane;
+    (void)W; (void)W2; (void)e; (void)w_stride; (void)by_this_lane;
 #endif
 }
 

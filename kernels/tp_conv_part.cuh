@@ -46,7 +46,7 @@ $$SEGMENT_LOAD$$
 #if PREFETCH_EDGES > 0
         // the first PREFETCH_EDGES edges of the batch (lane q holds edge q); later ones inside the loop
         const bool prefetcher = (PART_ID == 0 && chunk == 0);
-        if (prefetcher) prefetch_weight_rows(W, W2, my_e, w_stride, lane, lane < PREFETCH_EDGES && lane < batch);
+        if (prefetcher) prefetch_weight_rows(W, W2, my_e, w_stride, lane < PREFETCH_EDGES && lane < batch);
 #endif
 #pragma unroll $$EDGE_UNROLL$$
         for (int q = 0; q < batch; ++q) {
@@ -56,7 +56,7 @@ $$SEGMENT_LOAD$$
 #if PREFETCH_EDGES > 0
             if (prefetcher) {  // warp-uniform
                 const index_t ahead = __shfl_sync(0xffffffffu, my_e, (q + PREFETCH_EDGES) & (WARP_SIZE - 1));
-                prefetch_weight_rows(W, W2, ahead, w_stride, lane, lane == 0 && q + PREFETCH_EDGES < batch);
+                prefetch_weight_rows(W, W2, ahead, w_stride, lane == 0 && q + PREFETCH_EDGES < batch);
             }
 #endif
 #if !SEGMENTED

@@ -321,11 +321,6 @@ class MACEAccelCalculator(Calculator):
         with self._determinism(), torch.enable_grad(), gather:
             yield
 
-    @property
-    def _graph_step(self):
-        """The most recently used captured step (None before the first)."""
-        return next(reversed(self._graph_steps.values()), None)
-
     def _graph_call(self, batch, atoms, has_volume: bool):
         """The model call through a captured CUDA graph (see :mod:`mace_accel.calculator.graph`), one per
         signature, at most ``cuda_graph_cache`` of them."""

@@ -88,8 +88,7 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     if warps == 0:
         return
     index = device_index(device)
-    args = tuple([_NULL if t is None else t.data_ptr()
-                  for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)]
+    args = tuple([_ptr(t) for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)]
                  + [int(num_edges), int(num_items), int(w_stride)])
     run_on_torch_stream(_function(plan, spec, index), device, -(-warps // WARPS_PER_BLOCK), THREADS_PER_BLOCK, args)
 
@@ -317,7 +316,7 @@ def fused_double_fits(plan: TPPlan, dtype: torch.dtype, need_gg: bool = True) ->
         words = 0
         for part in spec.parts or (tuple(range(len(plan.paths))),):
             in1, in2, out = lane_dims([plan.paths[i] for i in part])
-            words = max(words, (2 if need_gg else 1) * out + 3 * in1 + 3 * in2)
+            words = max(words, codegen.out_values_per_lane(KIND_DOUBLE, need_gg) * out + 3 * in1 + 3 * in2)
         fits = _FITS[(plan.key, spec)] = words * (2 if dt == "float64" else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
     return fits
 

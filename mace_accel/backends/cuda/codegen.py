@@ -131,6 +131,12 @@ STREAM_WEIGHTS: Dict[Tuple[int, str], bool] = {}
 ATOMIC_DY = True
 
 
+def out_values_per_lane(kind: int, need_gg: bool = True) -> int:
+    """Values a lane holds per output component of its part: the accumulator (forward) or the gout value
+    (backward), and in the fused double backward gout plus the gg accumulator (unless ``need_gg`` is off)."""
+    return 2 if kind == KIND_DOUBLE and need_gg else 1
+
+
 def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
               max_words: Optional[int] = None, need_gg: bool = True) -> Tuple[Tuple[int, ...], ...]:
     """The output parts a kernel of this kind runs with (``()``: one part). Kinds that store a per-edge or
@@ -140,8 +146,7 @@ def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
     budget = PART_MAX_LANE_WORDS.get(kind, 1 << 30) if max_words is None else max_words
     if kind == KIND_DOUBLE and not need_gg and max_words is None:
         budget = DOUBLE_NO_GG_MAX_LANE_WORDS.get(dtype, budget)
-    # per output value: gout, plus the gg accumulator in the double backward
-    per_value = (2 if dtype == "float64" else 1) * (2 if kind == KIND_DOUBLE and need_gg else 1)
+    per_value = (2 if dtype == "float64" else 1) * out_values_per_lane(kind, need_gg)
     parts = split_outputs(plan, max(1, budget // per_value))
     return () if len(parts) == 1 else parts
 
@@ -228,17 +233,22 @@ def _path_is(p):
     return sorted({nz[0] for nz in p.nonzeros})
 
 
+def _scaled_x(code: _Code, p):
+    """``wx_i = w * x_i`` for the in1 components the path uses (w folded into x once per path)."""
+    for i in _path_is(p):
+        code(f"  const scalar_t wx{i} = w * x{p.in1_block}_{i};")
+
+
 def _forward_body(paths, code: _Code, in1, in2):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
     _load_rows(code, "x", "x_row", in1)
     for p in paths:
-        b1, o2 = p.in1_block, p.in2_offset
+        o2 = p.in2_offset
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
         code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
-        for i in _path_is(p):
-            code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
+        _scaled_x(code, p)
         for k, terms in _by(p, "k", "i", "j"):
             _accumulate(code, f"a{p.out_block}_{k}", _factored(terms, lambda i: f"wx{i}", lambda j: f"y{o2 + j}"))
         code("}")
@@ -282,8 +292,7 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
                 dw = " + ".join(f"x{b1}_{i} * t{i}" for i in t)
                 code(f"  if (u < {p.mul}) STORE_DW(DW + e * WN + {p.weight_offset} + u, {dw});")
         if spec.need_dy:
-            for i in _path_is(p):
-                code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
+            _scaled_x(code, p)
             for j, terms in _by(p, "j", "i", "k"):
                 _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"wx{i}", lambda k: f"g{ob}_{k}"))
         code("}")
@@ -338,9 +347,8 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg
         code(f"  const scalar_t v = (u < {p.mul}) ? LOAD_W(w2_row + {p.weight_offset} + u) : C(0);")
         for i in _path_is(p):  # z = w ggx + v x multiplies y (and g in dy); w x multiplies ggy
             code(f"  const scalar_t z{i} = w * xa{b1}_{i} + v * x{b1}_{i};")
-            if need_gg:
-                code(f"  const scalar_t wx{i} = w * x{b1}_{i};")
         if need_gg:
+            _scaled_x(code, p)
             for k, terms in _by(p, "k", "i", "j"):
                 _accumulate(code, f"a{ob}_{k}", _factored(terms, lambda i: f"z{i}", lambda j: f"y{o2 + j}")
                             + _factored(terms, lambda i: f"wx{i}", lambda j: f"yb{o2 + j}"))
