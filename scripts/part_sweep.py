@@ -27,6 +27,8 @@ from tp_cases import mace_conv_args  # noqa: E402
 
 ONE_PART = 1 << 30
 KINDS = {"fwd": codegen.KIND_FORWARD, "bwd": codegen.KIND_BACKWARD, "double": codegen.KIND_DOUBLE}
+#: further calls sweep_calls offers (not swept by default): the fused double backward without d/dgout
+EXTRA_KINDS = {"double_nogg": codegen.KIND_DOUBLE}
 
 
 def specs_for(plan, dt, budget):
@@ -51,12 +53,14 @@ def sweep_inputs(plan, dtype, n: int, e: int, dev):
 
 
 def sweep_calls(plan, inputs, s, r, n: int):
-    """The backend calls the sweeps time: forward, atomic backward (dx, dy, dw), fused double backward."""
+    """The backend calls the sweeps time: forward, atomic backward (dx, dy, dw), fused double backward (with
+    and without d/dgout)."""
     x, y, w, g, ggx, ggy, ggw = inputs
     return {
         "fwd": lambda: B.forward(plan, x, y, w, s, r, n),
         "bwd": lambda: B.backward(plan, x, y, w, g, s, r, True, True, True),
         "double": lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r),
+        "double_nogg": lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r, need_gg=False)[:3],
     }
 
 
@@ -87,7 +91,7 @@ def run_sweep(a, plans, graph, dev, settings, apply, describe, reset) -> None:
         for dname in a.dtypes:
             calls = sweep_calls(plan, sweep_inputs(plan, getattr(torch, dname), n, e, dev), s, r, n)
             for kname in a.kinds:
-                kind = KINDS[kname]
+                kind = {**KINDS, **EXTRA_KINDS}[kname]
                 ref = None
                 for setting in settings:
                     apply(kind, dname, setting)
