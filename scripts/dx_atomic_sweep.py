@@ -5,7 +5,8 @@
 For each MACE-MP-0 layer config on the benchmark's Cu graph (float32), times the atomic backward (dx, dy, dw)
 and the fused double backward with and without d/dgout alone (receiver order memoised; CUDA events, median of
 20 after 3 warm-ups) with the dx atomics issued per lane (``COALESCED_DX_ATOMICS`` off) and staged through
-shared memory so that consecutive lanes add consecutive elements (on). Each result is compared with the first
+shared memory so that consecutive lanes add consecutive elements (staged), and staged with 4 elements per
+atomic (``VECTOR_DX_ATOMICS``, staged-v4). Each result is compared with the first
 setting's (max relative difference: atomics' order only). (dx_atomic_sweep_h100.txt came from a version with
 its own loop and a slightly different line format.)
 """
@@ -31,17 +32,22 @@ def main():
     saved = dict(codegen.COALESCED_DX_ATOMICS)
     P.C.gpu_warmup(dev)
 
-    def apply(kind, dname, staged):
-        codegen.COALESCED_DX_ATOMICS[dname] = staged
+    saved_vec = dict(codegen.VECTOR_DX_ATOMICS)
 
-    def describe(plan, kind, dname, staged):
-        return f"dx atomics {'staged' if staged else 'per-lane':8s}"
+    def apply(kind, dname, setting):
+        codegen.COALESCED_DX_ATOMICS[dname] = setting != "per-lane"
+        codegen.VECTOR_DX_ATOMICS[(kind, dname)] = setting == "staged-v4"
+
+    def describe(plan, kind, dname, setting):
+        return f"dx atomics {setting:9s}"
 
     def reset(kind, dname):
         codegen.COALESCED_DX_ATOMICS.clear()
         codegen.COALESCED_DX_ATOMICS.update(saved)
+        codegen.VECTOR_DX_ATOMICS.clear()
+        codegen.VECTOR_DX_ATOMICS.update(saved_vec)
 
-    P.run_sweep(a, plans, graph, dev, [False, True], apply, describe, reset)
+    P.run_sweep(a, plans, graph, dev, ["per-lane", "staged", "staged-v4"], apply, describe, reset)
 
 
 if __name__ == "__main__":

@@ -302,3 +302,29 @@ def test_double_backward_with_and_without_grad_of_gout(layer, dtype):
         assert len(out) == len(ref) == (4 if with_gout else 3)
         for name, a, b in zip("xywg", out, ref):
             assert rel(a.double(), b) < gtol, f"with_gout={with_gout} d/d{name}"
+
+
+@pytest.mark.parametrize("node", ["128x0e+128x1o+128x2e", "4x0e+5x1o+1x2e"])
+def test_vector_dx_atomics_float32(node, monkeypatch):
+    """The staged float32 dx atomics issued as 4-element vector reductions (codegen.VECTOR_DX_ATOMICS) match
+    e3nn in the backward and the fused double backward. The second case has a chunk of 5 channels of 1o (15
+    elements: a last group of 3 added one by one) and a 2e block whose offset (19) is not a multiple of 4
+    (scalar atomics for that block)."""
+    from mace.modules.irreps_tools import tp_out_irreps_with_instructions
+
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    kinds = (codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
+    monkeypatch.setattr(codegen, "VECTOR_DX_ATOMICS", {(k, "float32"): True for k in kinds})
+    monkeypatch.setattr(codegen, "COALESCED_DX_ATOMICS", {"float32": True, "float64": True})
+    monkeypatch.setattr(B, "_SPECS", {})
+    node, sh = o3.Irreps(node), o3.Irreps.spherical_harmonics(3)
+    mid, ins = tp_out_irreps_with_instructions(node, sh, o3.Irreps("8x0e+8x1o+8x2e+8x3o"))
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins)
+    assert conv.plan.in1_dim % codegen.VECTOR_WIDTH == 0
+    spec = B._spec(conv.plan, codegen.KIND_BACKWARD, "float32", False, codegen.DX_ATOMIC, True, True)
+    assert spec.vector_dx and "float4" in codegen.render(conv.plan, spec)["source"]
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    x, y, w, s, r = _inputs(conv, 50, 700, torch.float32, seed=7)
+    _check(conv, tp64, x, y, w, s, r, torch.float32)

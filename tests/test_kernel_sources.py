@@ -41,7 +41,7 @@ def _specs(dtype):
 def _option_specs(dtype):
     """The kinds that may prefetch weight rows into L2 (codegen.PREFETCH_EDGES) or stream them
     (codegen.STREAM_WEIGHTS), add dy with atomics (codegen.ATOMIC_DY) or stage the dx atomics
-    (codegen.COALESCED_DX_ATOMICS), with those on."""
+    (codegen.COALESCED_DX_ATOMICS, 4-wide: codegen.VECTOR_DX_ATOMICS), with those on."""
     return [KernelSpec(KIND_FORWARD, dtype, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, True, DX_NONE, True, True, prefetch=2),
@@ -52,7 +52,11 @@ def _option_specs(dtype):
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, dy_atomic=True),  # dy with atomics
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, dy_atomic=True),
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True),  # staged dx
-            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True)]
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True),
+            KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True,  # 4-wide
+                       vector_dx=dtype == "float32"),
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, need_gg=False,
+                       vector_dx=dtype == "float32")]
 
 
 def _launched_specs(plan, dtype):

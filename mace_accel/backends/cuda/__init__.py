@@ -224,15 +224,19 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     stream_w = codegen.STREAM_WEIGHTS.get((kind, dt), False)
     dy_atomic = codegen.ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE)
     coalesced_dx = codegen.COALESCED_DX_ATOMICS.get(dt, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
+    # 16-byte vector atomics need 16-byte aligned rows (the dx buffers are allocated here, so their start is)
+    vector_dx = (coalesced_dx and codegen.VECTOR_DX_ATOMICS.get((kind, dt), False)
+                 and plan.in1_dim % codegen.VECTOR_WIDTH == 0)
     need_gg = need_gg or kind != KIND_DOUBLE
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
            codegen.PART_MAX_LANE_WORDS.get(kind), codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.get(dt), min_blocks, prefetch,
-           stream_w, dy_atomic, coalesced_dx, need_gg)
+           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
                                         parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks,
-                                        prefetch, stream_w, dy_atomic, coalesced_dx, need_gg)
+                                        prefetch, stream_w, dy_atomic, coalesced_dx, need_gg,
+                                        vector_dx=vector_dx)
     return spec
 
 

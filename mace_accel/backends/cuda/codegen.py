@@ -66,6 +66,8 @@ class KernelSpec:
     #: backward started from a constant upstream gradient: a benchmark's grad_outputs, a Hessian-vector
     #: product); one of the four contractions, its accumulators and their flush atomics then drop out
     need_gg: bool = True
+    #: float32 staged dx atomics issued 4 elements at a time (sm_90 vector reduction), see VECTOR_DX_ATOMICS
+    vector_dx: bool = False
 
     @property
     def num_parts(self) -> int:
@@ -77,7 +79,8 @@ class KernelSpec:
                 + (f"_mb{self.min_blocks}" if self.min_blocks else "")
                 + (f"_pf{self.prefetch}" if self.prefetch else "")
                 + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else "")
-                + ("_cx" if self.coalesced_dx else "") + ("" if self.need_gg else "_nogg"))
+                + ("_cx" if self.coalesced_dx else "") + ("_v4" if self.vector_dx else "")
+                + ("" if self.need_gg else "_nogg"))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -299,7 +302,7 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
     if spec.need_dy:
         _emit_dy_reduce(code, in2, all_in2)
     if spec.dx_mode == DX_ATOMIC:
-        _emit_dx_atomic(code, in1, "OUT + s * D1", spec.coalesced_dx)
+        _emit_dx_atomic(code, in1, "OUT + s * D1", spec.coalesced_dx, spec.vector_dx)
     elif want_dx:
         code("scalar_t* __restrict__ dx_row = OUT + e * D1;")
         for b, (off, d, mul) in sorted(in1.items()):
@@ -322,7 +325,8 @@ def _grad_x_body(paths, code: _Code, in1, in2, out):
         code("}")
 
 
-def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg: bool = True):
+def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg: bool = True,
+                 vector: bool = False):
     """Fused double backward (KIND 3); see the kernel template's header for the four outputs (gg only when
     ``need_gg``)."""
     code("const index_t s = other;  // sender")
@@ -362,7 +366,7 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg
             _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"z{i}", lambda k: f"g{ob}_{k}"))
         code("}")
     _emit_dy_reduce(code, in2, all_in2)
-    _emit_dx_atomic(code, in1, "OUT + s * D1", coalesced)
+    _emit_dx_atomic(code, in1, "OUT + s * D1", coalesced, vector)
 
 
 #: dtype -> whether the per-edge atomics into the sender's gradient row go through the warp's shared-memory
@@ -374,6 +378,14 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg
 #: aligned (scripts/dx_atomic_sweep.py, dx_atomic_sweep_h100.txt), off -> on: large backward 1.855 -> 1.557,
 #: medium backward 0.862 -> 0.764, large no-gg double 2.507 -> 2.262, medium no-gg double 1.174 -> 1.246.
 COALESCED_DX_ATOMICS = {"float32": True, "float64": True}
+#: elements per vector reduction (float4) of the staged float32 dx atomics
+VECTOR_WIDTH = 4
+#: (kind, dtype) -> the staged dx atomics of a float32 kernel go out 4 elements per instruction (``atomicAdd``
+#: on a float4, sm_90) where the row layout allows it (block offsets and the row length multiples of 4).
+#: Kernel alone on the H100 (scripts/dx_atomic_sweep.py, dx_atomic_sweep_v4_h100.txt), staged -> staged-v4:
+#: fused double without d/dgout medium 1.246 -> 1.132 ms, large 2.268 -> 2.217; with it medium 1.604 -> 1.560,
+#: large 3.749 -> 3.664; backward medium 0.765 -> 0.776 (slower), large 1.559 -> 1.553: on for the double only.
+VECTOR_DX_ATOMICS: Dict[Tuple[int, str], bool] = {(KIND_DOUBLE, "float32"): True}
 
 
 def _dx_stage_words(in1, coalesced: bool) -> int:
@@ -382,10 +394,13 @@ def _dx_stage_words(in1, coalesced: bool) -> int:
     return WARP_SIZE * dmax if coalesced and dmax > 1 else 0
 
 
-def _emit_dx_atomic(code: _Code, in1, row: str, coalesced: bool):
+def _emit_dx_atomic(code: _Code, in1, row: str, coalesced: bool, vector: bool = False):
     """Add each lane's dx values into the sender's row with atomics. A block with d > 1 components per
     channel is first written to the warp's stage [lane * d + i] and read back transposed, so atomic m of
-    the warp covers the 32 consecutive elements m * 32 + lane of the chunk's slice (e3nn layout u * d + i)."""
+    the warp covers the 32 consecutive elements m * 32 + lane of the chunk's slice (e3nn layout u * d + i).
+    With ``vector`` (float32, the block's offset and the row length multiples of 4), lane q of round r adds
+    the 4 elements 4 (r * 32 + q) .. + 3 with one vector reduction (sm_90; scalar atomics elsewhere), bounded
+    by the chunk's own 32 d elements and by its valid channels."""
     code(f"scalar_t* __restrict__ dx_row = {row};")
     stage = _dx_stage_words(in1, coalesced)
     for b, (off, d, mul) in sorted(in1.items()):
@@ -402,9 +417,25 @@ def _emit_dx_atomic(code: _Code, in1, row: str, coalesced: bool):
         code("  __syncwarp();")
         code(f"  scalar_t* __restrict__ slice = dx_row + {off} + chunk * (WARP_SIZE * {d});")
         code(f"  const int valid = ({mul} - chunk * WARP_SIZE) * {d};  // elements of this chunk's channels")
+        if vector and off % VECTOR_WIDTH == 0:
+            quads = WARP_SIZE * d // VECTOR_WIDTH  # 4-element groups of the chunk's slice
+            code("#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900")
+            for r in range(-(-quads // WARP_SIZE)):
+                code(f"  {{ const int q = {r} * WARP_SIZE + lane;")
+                code(f"    if (q < {quads} && 4 * q < valid) {{")
+                code("      if (4 * q + 3 < valid) {")
+                code("        atomicAdd(reinterpret_cast<float4*>(slice) + q, reinterpret_cast<const float4*>(dx_stage)[q]);")
+                code("      } else {")
+                code("        for (int t = 4 * q; t < valid; ++t) atomicAdd(&slice[t], dx_stage[t]);")
+                code("      }")
+                code("    }")
+                code("  }")
+            code("#else")
         for m in range(d):
             code(f"  if ({m} * WARP_SIZE + lane < valid) "
                  f"atomicAdd(&slice[{m} * WARP_SIZE + lane], dx_stage[{m} * WARP_SIZE + lane]);")
+        if vector and off % VECTOR_WIDTH == 0:
+            code("#endif")
         code("}")
 
 
@@ -515,7 +546,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     elif spec.kind == KIND_DOUBLE:
         if spec.segmented:
             raise ValueError("the fused double backward runs over receiver-sorted runs (segmented=False)")
-        _double_body(paths, body, in1, in2, all_in2, spec.coalesced_dx, spec.need_gg)
+        _double_body(paths, body, in1, in2, all_in2, spec.coalesced_dx, spec.need_gg, spec.vector_dx)
         acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")

@@ -1,0 +1,38 @@
+"""Probe: hardware counters of chosen conv kernels under Nsight Compute (GPU machine with ncu).
+
+    ncu --profile-from-start off --clock-control none -k regex:mace_accel_tp --section ... \
+        python scripts/ncu_conv.py large1:float32:bwd medium1:float32:double_nogg ...
+
+Each argument names one kernel call of scripts/part_sweep.py's ``sweep_calls`` (config:dtype:kind) on the
+benchmark's Cu graph with fresh random inputs. Every call runs twice first (compile, receiver order memoised),
+then once more between cudaProfilerStart/Stop, so ncu sees only that launch (plus the small grouping and
+zeroing kernels around it, which the ``-k`` filter leaves out).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import part_sweep as P  # noqa: E402
+import torch  # noqa: E402
+
+
+def main(argv):
+    dev = torch.device("cuda")
+    s, r, n, e = P.C.cu_graph_on(dev)
+    cells = [a.split(":") for a in argv]
+    plans = P.mp0_plans(sorted({c for c, _d, _k in cells}))
+    for cfg, dname, kname in cells:
+        calls = P.sweep_calls(plans[cfg], P.sweep_inputs(plans[cfg], getattr(torch, dname), n, e, dev), s, r, n)
+        call = calls[kname]
+        for _ in range(2):
+            call()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"profiled {cfg} {dname} {kname}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
