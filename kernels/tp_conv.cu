@@ -119,6 +119,35 @@ __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict_
 #endif
 }
 
+// Rows copied one edge ahead into shared memory (codegen.STAGED_ROWS): each lane copies, and later reads,
+// only its own values, so a wait on its own copies is all the ordering needed (no barrier). sm_80+ copies
+// asynchronously (cp.async); older GPUs copy synchronously.
+__device__ __forceinline__ void stage_copy(scalar_t* dst, const scalar_t* src)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(__cvta_generic_to_global(src)),
+                    "n"((int)sizeof(scalar_t)) : "memory");
+#else
+    *dst = *src;
+#endif
+}
+
+__device__ __forceinline__ void stage_commit()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// every copy group but the latest is complete (the current edge's; the next edge's may still be in flight)
+__device__ __forceinline__ void stage_wait_prev()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
+
 $$PARTS$$
 
 extern "C" __global__ void __launch_bounds__($$LAUNCH_BOUNDS$$) $$NAME$$(CONV_PARAMS)

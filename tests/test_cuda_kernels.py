@@ -328,3 +328,26 @@ def test_vector_dx_atomics_float32(node, monkeypatch):
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
     x, y, w, s, r = _inputs(conv, 50, 700, torch.float32, seed=7)
     _check(conv, tp64, x, y, w, s, r, torch.float32)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["layer0", "large1"])
+def test_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
+    """Every kernel kind that can copy its weight and sender rows one edge ahead into shared memory
+    (codegen.STAGED_ROWS, as much as fits) matches e3nn to every derivative order: layer 0 walks two or four
+    edges per loop iteration in the forward, large layer 1 float64 splits into output parts."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
+    monkeypatch.setattr(codegen, "STAGED_ROWS", {(k, dt): "wx" for k in kinds for dt in ("float32", "float64")})
+    monkeypatch.setattr(B, "_SPECS", {})
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    spec = B._spec(conv.plan, codegen.KIND_BACKWARD, str(dtype)[6:], deterministic,
+                   codegen.DX_NONE if deterministic else codegen.DX_ATOMIC, True, True)
+    assert spec.stage and "stage_copy(dst" in codegen.render(conv.plan, spec)["source"]
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=11)
+    _check(conv, tp64, x, y, w, s, r, dtype)

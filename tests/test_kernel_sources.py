@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mace_accel.backends.cuda.codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE, KIND_FORWARD,
-                                              KIND_GRAD_X, KernelSpec, parts_for, render)
+                                              KIND_GRAD_X, KernelSpec, fit_stage, parts_for, render)
 from mace_accel.plan import build_plan
 from mace_accel.problem import TPProblem
 from tp_cases import mace_conv_args
@@ -41,7 +41,8 @@ def _specs(dtype):
 def _option_specs(dtype):
     """The kinds that may prefetch weight rows into L2 (codegen.PREFETCH_EDGES) or stream them
     (codegen.STREAM_WEIGHTS), add dy with atomics (codegen.ATOMIC_DY) or stage the dx atomics
-    (codegen.COALESCED_DX_ATOMICS, 4-wide: codegen.VECTOR_DX_ATOMICS), with those on."""
+    (codegen.COALESCED_DX_ATOMICS, 4-wide: codegen.VECTOR_DX_ATOMICS) or copy rows one edge ahead into shared
+    memory (codegen.STAGED_ROWS), with those on."""
     return [KernelSpec(KIND_FORWARD, dtype, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, True, DX_NONE, True, True, prefetch=2),
@@ -56,7 +57,10 @@ def _option_specs(dtype):
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True,  # 4-wide
                        vector_dx=dtype == "float32"),
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, need_gg=False,
-                       vector_dx=dtype == "float32")]
+                       vector_dx=dtype == "float32"),
+            KernelSpec(KIND_FORWARD, dtype, True, stage="wx"),  # rows copied one edge ahead (cp.async)
+            KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="w"),
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="wx")]
 
 
 def _launched_specs(plan, dtype):
@@ -93,7 +97,8 @@ def test_generated_sources_compile(layer, tmp_path):
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
     plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
     specs = [spec for dt in ("float32", "float64")
-             for spec in _specs(dt) + _split_specs(plan, dt) + _option_specs(dt) + _launched_specs(plan, dt)]
+             for spec in _specs(dt) + _split_specs(plan, dt) + [fit_stage(plan, sp) for sp in _option_specs(dt)]
+             + _launched_specs(plan, dt)]
     jobs = [(spec, render(plan, spec)) for spec in dict.fromkeys(specs)]  # each distinct spec once
 
     def build(job):

@@ -227,16 +227,17 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     # 16-byte vector atomics need 16-byte aligned rows (the dx buffers are allocated here, so their start is)
     vector_dx = (coalesced_dx and codegen.VECTOR_DX_ATOMICS.get((kind, dt), False)
                  and plan.in1_dim % codegen.VECTOR_WIDTH == 0)
+    stage = "" if kind == KIND_GRAD_X else codegen.STAGED_ROWS.get((kind, dt), "")
     need_gg = need_gg or kind != KIND_DOUBLE
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
            codegen.PART_MAX_LANE_WORDS.get(kind), codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.get(dt), min_blocks, prefetch,
-           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg)
+           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg, stage)
     spec = _SPECS.get(key)
     if spec is None:
-        spec = _SPECS[key] = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-                                        parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks,
-                                        prefetch, stream_w, dy_atomic, coalesced_dx, need_gg,
-                                        vector_dx=vector_dx)
+        spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
+                          parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks, prefetch, stream_w,
+                          dy_atomic, coalesced_dx, need_gg, vector_dx=vector_dx, stage=stage)
+        spec = _SPECS[key] = codegen.fit_stage(plan, spec)
     return spec
 
 

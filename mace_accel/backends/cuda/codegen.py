@@ -6,7 +6,7 @@ the reference executor builds its dense blocks from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -68,6 +68,9 @@ class KernelSpec:
     need_gg: bool = True
     #: float32 staged dx atomics issued 4 elements at a time (sm_90 vector reduction), see VECTOR_DX_ATOMICS
     vector_dx: bool = False
+    #: rows copied one edge ahead into shared memory (cp.async): "" none, "w" weight rows, "wx" weight and
+    #: sender rows; see STAGED_ROWS
+    stage: str = ""
 
     @property
     def num_parts(self) -> int:
@@ -80,7 +83,7 @@ class KernelSpec:
                 + (f"_pf{self.prefetch}" if self.prefetch else "")
                 + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else "")
                 + ("_cx" if self.coalesced_dx else "") + ("_v4" if self.vector_dx else "")
-                + ("" if self.need_gg else "_nogg"))
+                + ("" if self.need_gg else "_nogg") + (f"_st{self.stage}" if self.stage else ""))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -181,11 +184,66 @@ class _Code:
         return "\n".join(self.lines)
 
 
-def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple]):
-    """Per-lane loads of a row in e3nn layout: value (u, m) of block b at off_b + u * d + m."""
+def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple], stage: "_Stage" = None):
+    """Per-lane loads of a row in e3nn layout: value (u, m) of block b at off_b + u * d + m (from the shared
+    memory stage when ``stage`` holds that row)."""
     for b, (off, d, mul) in sorted(blocks.items()):
         for m in range(d):
-            code(f"const scalar_t {prefix}{b}_{m} = (u < {mul}) ? {base}[{off} + u * {d} + {m}] : C(0);")
+            src = stage.read(prefix, b, m) if stage is not None and stage.has(prefix, b, m) else \
+                f"{base}[{off} + u * {d} + {m}]"
+            code(f"const scalar_t {prefix}{b}_{m} = (u < {mul}) ? {src} : C(0);")
+
+
+class _Stage:
+    """The per-lane values of one edge that a kernel copies into shared memory one edge ahead (cp.async), and
+    where they sit: slot n of the warp's current buffer holds lane u's value at ``stg[n * WARP_SIZE + lane]``.
+    Each lane copies and later reads only its own slots, so the copies need no barrier, only a wait.
+
+    Rows (``spec.stage``): "w" the weight rows (and ggw's in the fused double backward), "x" the sender
+    rows (and ggx's). Keys: ("w", path) / ("v", path) for W / W2, (prefix, block, m) for X ("x") / X2 ("xa").
+    """
+
+    def __init__(self, spec: KernelSpec, paths, in1):
+        self.slots: Dict[tuple, int] = {}
+        self.copies: List[str] = []  # issue statements, in terms of E (edge), S (sender row), dst
+        rows = spec.stage
+        if "w" in rows:
+            srcs = [("w", "W")] + ([("v", "W2")] if spec.kind == KIND_DOUBLE else [])
+            for key, arr in srcs:
+                for p in paths:
+                    self._add((key, p.index), p.mul, f"{arr} + E * w_stride + {p.weight_offset} + u")
+        if "x" in rows:
+            srcs = [("x", "X")] + ([("xa", "X2")] if spec.kind == KIND_DOUBLE else [])
+            for prefix, arr in srcs:
+                for b, (off, d, mul) in sorted(in1.items()):
+                    for m in range(d):
+                        self._add((prefix, b, m), mul, f"{arr} + S * D1 + {off} + u * {d} + {m}")
+
+    def _add(self, key, mul: int, src: str):
+        n = self.slots[key] = len(self.slots)
+        self.copies.append(f"if (u < {mul}) stage_copy(dst + {n} * WARP_SIZE, {src});")
+
+    def has(self, *key) -> bool:
+        return tuple(key) in self.slots
+
+    def read(self, *key) -> str:
+        return f"stg[{self.slots[tuple(key)]} * WARP_SIZE + lane]"
+
+    def weight(self, p, which: str = "w") -> str:
+        """The lane's weight of path ``p`` (``which``: "w" W, "v" W2), staged or loaded."""
+        if self.has(which, p.index):
+            return self.read(which, p.index)
+        return f"LOAD_W({'w_row' if which == 'w' else 'w2_row'} + {p.weight_offset} + u)"
+
+    def issue(self, e: str, s: str, buffer: str) -> str:
+        """Statements that copy edge ``e``'s values (sender row ``s``) into ``buffer`` (0 or 1)."""
+        if not self.copies:
+            return ""
+        head = (f"{{ scalar_t* __restrict__ dst = row_stage + ({buffer}) * {len(self.slots)} * WARP_SIZE + lane; "
+                f"const index_t E = {e}; const index_t S = {s}; (void)E; (void)S;")
+        return "\n".join([head] + ["  " + c for c in self.copies] + ["}"])
+
+
 
 
 def _y_loads(code: _Code, in2: Dict[int, tuple]):
@@ -242,15 +300,15 @@ def _scaled_x(code: _Code, p):
         code(f"  const scalar_t wx{i} = w * x{p.in1_block}_{i};")
 
 
-def _forward_body(paths, code: _Code, in1, in2):
+def _forward_body(paths, code: _Code, in1, in2, st: _Stage):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
-    _load_rows(code, "x", "x_row", in1)
+    _load_rows(code, "x", "x_row", in1, st)
     for p in paths:
         o2 = p.in2_offset
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
-        code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
+        code(f"  const scalar_t w = (u < {p.mul}) ? {st.weight(p)} : C(0);")
         _scaled_x(code, p)
         for k, terms in _by(p, "k", "i", "j"):
             _accumulate(code, f"a{p.out_block}_{k}", _factored(terms, lambda i: f"wx{i}", lambda j: f"y{o2 + j}"))
@@ -268,11 +326,11 @@ def _t_stmts(code: _Code, p, y_name: str, g_name: str, t_name: str):
     return out
 
 
-def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
+def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: _Stage):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
-    _load_rows(code, "x", "x_row", in1)
+    _load_rows(code, "x", "x_row", in1, st)
     want_dx = spec.dx_mode != DX_NONE
     if spec.need_dy:  # every column of every part's partial row is written (zero where the part adds nothing)
         for b, (off, d) in sorted(all_in2.items()):
@@ -285,7 +343,7 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2):
     for p in paths:
         b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
-        code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
+        code(f"  const scalar_t w = (u < {p.mul}) ? {st.weight(p)} : C(0);")
         if want_dx or spec.need_dw:
             t = _t_stmts(code, p, "y", "g", "t")
             if want_dx:
@@ -325,7 +383,7 @@ def _grad_x_body(paths, code: _Code, in1, in2, out):
         code("}")
 
 
-def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg: bool = True,
+def _double_body(paths, code: _Code, in1, in2, all_in2, st: _Stage, coalesced: bool, need_gg: bool = True,
                  vector: bool = False):
     """Fused double backward (KIND 3); see the kernel template's header for the four outputs (gg only when
     ``need_gg``)."""
@@ -336,8 +394,8 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg
     for b, (off, d) in sorted(in2.items()):
         for j in range(d):
             code(f"const scalar_t yb{off + j} = y2_row[{off + j}];")
-    _load_rows(code, "x", "x_row", in1)
-    _load_rows(code, "xa", "xa_row", in1)
+    _load_rows(code, "x", "x_row", in1, st)
+    _load_rows(code, "xa", "xa_row", in1, st)
     for b, (off, d) in sorted(all_in2.items()):
         for j in range(d):
             code(f"scalar_t dy{off + j} = C(0);")
@@ -347,8 +405,8 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, coalesced: bool, need_gg
     for p in paths:
         b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
-        code(f"  const scalar_t w = (u < {p.mul}) ? LOAD_W(w_row + {p.weight_offset} + u) : C(0);")
-        code(f"  const scalar_t v = (u < {p.mul}) ? LOAD_W(w2_row + {p.weight_offset} + u) : C(0);")
+        code(f"  const scalar_t w = (u < {p.mul}) ? {st.weight(p)} : C(0);")
+        code(f"  const scalar_t v = (u < {p.mul}) ? {st.weight(p, 'v')} : C(0);")
         for i in _path_is(p):  # z = w ggx + v x multiplies y (and g in dy); w x multiplies ggy
             code(f"  const scalar_t z{i} = w * xa{b1}_{i} + v * x{b1}_{i};")
         if need_gg:
@@ -534,19 +592,22 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     in1, in2, out = _blocks(paths)
     all_in2 = _blocks(plan.paths)[1]
     body = _Code(8)
+    st = _Stage(spec, paths, in1)
     if spec.kind == KIND_FORWARD:
-        _forward_body(paths, body, in1, in2)
+        _forward_body(paths, body, in1, in2, st)
         acc_blocks, row_dim = out, "DO"
     elif spec.kind == KIND_BACKWARD:
-        _backward_body(paths, spec, body, in1, in2, all_in2)
+        _backward_body(paths, spec, body, in1, in2, all_in2, st)
         acc_blocks, row_dim = None, None
     elif spec.kind == KIND_GRAD_X:
+        if spec.stage:
+            raise ValueError("the grad-x kernel walks receivers of a sender: its rows are not staged")
         _grad_x_body(paths, body, in1, in2, out)
         acc_blocks, row_dim = in1, "D1"
     elif spec.kind == KIND_DOUBLE:
         if spec.segmented:
             raise ValueError("the fused double backward runs over receiver-sorted runs (segmented=False)")
-        _double_body(paths, body, in1, in2, all_in2, spec.coalesced_dx, spec.need_gg, spec.vector_dx)
+        _double_body(paths, body, in1, in2, all_in2, st, spec.coalesced_dx, spec.need_gg, spec.vector_dx)
         acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")
@@ -582,7 +643,47 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         "SEGMENT_END_ATOMIC": end_atomic,
         "EDGE_BODY": body.text(),
         "EDGE_UNROLL": str(_edge_unroll(paths, spec)),
+        "STAGE_SLOTS": str(len(st.slots)),
+        "STAGE_FIRST": st.issue("__shfl_sync(0xffffffffu, my_e, 0)", "__shfl_sync(0xffffffffu, my_other, 0)", "0"),
+        "STAGE_NEXT": st.issue("e_next", "s_next", "(q + 1) & 1"),
     })
+
+
+SCALAR_BYTES = {"float32": 4, "float64": 8}
+#: static shared memory one block may declare (CUDA's limit without the dynamic opt-in is 48 KB)
+SMEM_STATIC_MAX_BYTES = 48 * 1024
+#: (kind, dtype) -> rows a kernel copies one edge ahead into shared memory with cp.async ("w": the weight
+#: rows, and ggw's in the fused double backward; "wx": also the sender's x row, and ggx's), so that the
+#: edge's contraction reads them from shared memory instead of waiting on global loads. Off until measured
+#: (scripts/stage_sweep.py); a kernel whose buffers would not fit SMEM_STATIC_MAX_BYTES stages fewer rows.
+STAGED_ROWS: Dict[Tuple[int, str], str] = {}
+
+
+def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
+    """Elements per warp of (the dx-atomics stage, the two staged-row buffers), each for the largest part."""
+    parts = spec.parts or (tuple(range(len(plan.paths))),)
+    dx = row = 0
+    for part in parts:
+        paths = [plan.paths[i] for i in part]
+        in1 = _blocks(paths)[0]
+        if spec.kind == KIND_DOUBLE or spec.dx_mode == DX_ATOMIC:
+            dx = max(dx, _dx_stage_words(in1, spec.coalesced_dx))
+        if spec.stage:
+            row = max(row, 2 * WARP_SIZE * len(_Stage(spec, paths, in1).slots))
+    return dx, row
+
+
+def smem_bytes(plan: TPPlan, spec: KernelSpec) -> int:
+    """Static shared memory of one block of the kernel."""
+    return sum(stage_words(plan, spec)) * SCALAR_BYTES[spec.dtype] * WARPS_PER_BLOCK
+
+
+def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
+    """``spec`` with fewer staged rows ("wx" -> "w" -> "") where its buffers would not fit a block's static
+    shared memory (large float64 layers)."""
+    while spec.stage and smem_bytes(plan, spec) > SMEM_STATIC_MAX_BYTES:
+        spec = replace(spec, stage="w" if spec.stage == "wx" else "")
+    return spec
 
 
 def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
@@ -595,22 +696,26 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     blocks_of = [{plan.paths[i].out_block for i in part} for part in parts]
     if any(a & b for n, a in enumerate(blocks_of) for b in blocks_of[n + 1:]):
         raise ValueError(f"kernel parts {parts} share an output block")
-    # one shared-memory stage per warp for the coalesced dx atomics, sized for the largest part (a warp runs
-    # one part)
-    stage = 0
-    if spec.kind == KIND_DOUBLE or spec.dx_mode == DX_ATOMIC:
-        stage = max(_dx_stage_words(_blocks([plan.paths[i] for i in part])[0], spec.coalesced_dx)
-                    for part in parts)
-    stage_decl = (f"    __shared__ __align__(16) scalar_t dx_stage_all[(THREADS / WARP_SIZE) * {stage}];\n"
-                  f"    scalar_t* const dx_stage = dx_stage_all + (threadIdx.x / WARP_SIZE) * {stage};"
-                  if stage else "    scalar_t* const dx_stage = nullptr;  // no staged atomics in this kernel")
+    # per warp: a shared-memory stage for the coalesced dx atomics and two buffers of staged rows, each sized
+    # for the largest part (a warp runs one part)
+    dx_words, row_words = stage_words(plan, spec)
+    smem = smem_bytes(plan, spec)
+    if smem > SMEM_STATIC_MAX_BYTES:
+        raise ValueError(f"kernel {prefix}: {smem} bytes of static shared memory per block, over "
+                         f"{SMEM_STATIC_MAX_BYTES}")
+    stage_decl = (f"    __shared__ __align__(16) scalar_t dx_stage_all[(THREADS / WARP_SIZE) * {dx_words}];\n"
+                  f"    scalar_t* const dx_stage = dx_stage_all + (threadIdx.x / WARP_SIZE) * {dx_words};"
+                  if dx_words else "    scalar_t* const dx_stage = nullptr;  // no staged atomics in this kernel")
+    stage_decl += ("\n" + f"    __shared__ __align__(16) scalar_t row_stage_all[(THREADS / WARP_SIZE) * {row_words}];\n"
+                   f"    scalar_t* const row_stage = row_stage_all + (threadIdx.x / WARP_SIZE) * {row_words};"
+                   if row_words else "\n    scalar_t* const row_stage = nullptr;  // no staged rows in this kernel")
     part_src = "\n".join(_render_part(plan, spec, [plan.paths[i] for i in part], n, prefix)
                           for n, part in enumerate(parts))
     if len(parts) == 1:
-        dispatch = f"    {prefix}_part0(CONV_ARGS, item, chunk, lane, dx_stage);"
+        dispatch = f"    {prefix}_part0(CONV_ARGS, item, chunk, lane, dx_stage, row_stage);"
     else:
         dispatch = "    switch (part) {\n" + "\n".join(
-            f"    case {n}: {prefix}_part{n}(CONV_ARGS, item, chunk, lane, dx_stage); break;"
+            f"    case {n}: {prefix}_part{n}(CONV_ARGS, item, chunk, lane, dx_stage, row_stage); break;"
             for n in range(len(parts))
         ) + "\n    }"
     subs = {

@@ -1,0 +1,78 @@
+"""Sweep: which rows should a conv kernel copy one edge ahead into shared memory? (GPU machine)
+
+    python scripts/stage_sweep.py [--configs layer0 medium1 large1] [--dtypes float32 float64]
+                                  [--kinds fwd bwd double_nogg] [--min-blocks 3]
+
+For each MACE-MP-0 layer config, dtype and kernel kind on the benchmark's Cu graph, times the kernel call
+alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups) with ``codegen.STAGED_ROWS`` off,
+"w" (weight rows) and "wx" (weight and sender rows; as much as fits the block's shared memory), and the
+staged settings again with ``__launch_bounds__`` asking for ``--min-blocks`` resident blocks (the staged
+kernels may need more registers than the plain ones). Each result is compared with the first setting's.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import part_sweep as P  # noqa: E402
+import torch  # noqa: E402
+
+from mace_accel.backends import cuda as B  # noqa: E402
+from mace_accel.backends.cuda import codegen  # noqa: E402
+
+
+def call_spec(plan, kname, dt):
+    """The spec the backend launches for sweep_calls' ``kname``, under the current tables."""
+    if kname == "fwd":
+        return B._spec(plan, codegen.KIND_FORWARD, dt, True)
+    if kname == "bwd":
+        return B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True)
+    return B._spec(plan, codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True,
+                   need_gg=kname != "double_nogg")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="*", default=["layer0", "medium1", "large1"])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
+    ap.add_argument("--kinds", nargs="*", default=["fwd", "bwd", "double_nogg"])
+    ap.add_argument("--min-blocks", type=int, default=3)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    graph = P.C.cu_graph_on(dev)
+    plans = P.mp0_plans(a.configs)
+    settings = [("", 0), ("w", 0), ("wx", 0), ("w", a.min_blocks), ("wx", a.min_blocks)]
+    saved_stage, saved_mb = dict(codegen.STAGED_ROWS), dict(codegen.MIN_BLOCKS_PER_SM)
+    kind_of = {**P.KINDS, **P.EXTRA_KINDS}
+
+    def apply(kind, dname, setting):
+        stage, mb = setting
+        codegen.STAGED_ROWS[(kind, dname)] = stage
+        codegen.MIN_BLOCKS_PER_SM[(kind, dname)] = mb
+
+    def reset(kind, dname):
+        for table, saved in ((codegen.STAGED_ROWS, saved_stage), (codegen.MIN_BLOCKS_PER_SM, saved_mb)):
+            table.clear()
+            table.update(saved)
+
+    jobs = []
+    for cfg in a.configs:
+        for dt in a.dtypes:
+            for kname in a.kinds:
+                for setting in settings:
+                    apply(kind_of[kname], dt, setting)
+                    jobs.append((plans[cfg], call_spec(plans[cfg], kname, dt)))
+                reset(kind_of[kname], dt)
+    P.precompile(dict(((p.key, s), (p, s)) for p, s in jobs).values())
+    P.C.gpu_warmup(dev)
+
+    def describe(plan, kind, dname, setting):
+        kname = next(k for k in a.kinds if kind_of[k] == kind)
+        spec = call_spec(plan, kname, dname)
+        return f"stage {spec.stage or '-':2s} min_blocks {spec.min_blocks}"
+
+    P.run_sweep(a, plans, graph, dev, settings, apply, describe, reset)
+
+
+if __name__ == "__main__":
+    main()
