@@ -5,7 +5,7 @@
 # Writes under $OUT (or benchmarks/results/ when OUT is unset): gpu_tests.log, bench_conv_h100.json/.png,
 # bench_ase_h100.json. About 3 + 4 + 1.5 minutes on an H100. `probes` (not part of all): per-kernel times of
 # every bench_conv cell, the output-part sweep, the layer-0 unroll sweep, the double-backward (d/dgout, parts)
-# sweep and the float32 dx-atomics sweep (about 8 minutes: give it its own device call).
+# sweep, the float32 dx-atomics sweep and the staged-rows sweep (about 10 minutes: give it its own device call).
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-benchmarks/results}
@@ -30,5 +30,6 @@ if [[ $what == probes ]]; then
   timeout 120 python scripts/occupancy_sweep.py > "$out/occupancy_sweep.txt" 2>&1; tail -12 "$out/occupancy_sweep.txt"
   timeout 200 python scripts/double_sweep.py > "$out/double_sweep.txt" 2>&1; grep double "$out/double_sweep.txt"
   timeout 120 python scripts/dx_atomic_sweep.py > "$out/dx_atomic_sweep.txt" 2>&1; grep float32 "$out/dx_atomic_sweep.txt"
+  timeout 300 python scripts/stage_sweep.py > "$out/stage_sweep.txt" 2>&1; grep stage "$out/stage_sweep.txt"
   [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
 fi
