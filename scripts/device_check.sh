@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that re-checks and re-measures everything GPU-side (run from the project root on the GPU
 # machine, after `../shared/device/fetch-wheels.sh` here; carry .device):
-#     source .device/setup.sh && bash scripts/device_check.sh [tests|conv|ase|all|probes]
+#     source .device/setup.sh && bash scripts/device_check.sh [tests|conv|ase|all|probes|sanitize]
 # Writes under $OUT (or benchmarks/results/ when OUT is unset): gpu_tests.log, bench_conv_h100.json/.png,
 # bench_ase_h100.json. About 3 + 4 + 1.5 minutes on an H100. `probes` (not part of all): per-kernel times of
 # every bench_conv cell, the output-part sweep, the layer-0 unroll sweep, the double-backward (d/dgout, parts)
@@ -22,6 +22,15 @@ if [[ $what == conv || $what == all ]]; then
 fi
 if [[ $what == ase || $what == all ]]; then
   timeout 200 python benchmarks/bench_ase.py --out "$out/bench_ase_h100.json" 2>&1 | tail -8
+fi
+if [[ $what == sanitize ]]; then
+  [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
+  for t in memcheck racecheck synccheck; do
+    timeout 200 compute-sanitizer --tool $t --kernel-name kns=mace_accel --print-limit 20 \
+      python scripts/sanitize_conv.py > "$out/sanitize_conv_$t.txt" 2>&1
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/sanitize_conv_$t.txt"
+  done
+  [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
 fi
 if [[ $what == probes ]]; then
   [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden

@@ -1,6 +1,6 @@
 """Sweep: forward edge unroll x __launch_bounds__ minimum blocks per SM (GPU machine).
 
-    python scripts/occupancy_sweep.py [--configs layer0] [--unrolls 2 3 4] [--min-blocks 0 8]
+    python scripts/occupancy_sweep.py [--configs layer0] [--unrolls 1 2 4] [--min-blocks 0 8]
 
 A segmented forward runs one warp per (receiver segment, part, chunk), all resident at about once: with 2048
 receivers x 4 chunks = 8192 warps, the registers per thread decide how many rounds ("waves") the SMs need
@@ -28,7 +28,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="*", default=["layer0"])
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
-    ap.add_argument("--unrolls", nargs="*", type=int, default=[2, 3, 4])
+    ap.add_argument("--unrolls", nargs="*", type=int, default=[1, 2, 4])  # powers of two only (codegen)
     ap.add_argument("--min-blocks", nargs="*", type=int, default=[0, 8])
     a = ap.parse_args()
     dev = torch.device("cuda")

@@ -220,3 +220,20 @@ def test_factored_contractions_match_the_nonzeros(layer):
             want = sum(c * env[f"y{o2 + j}"] * env[f"g{ob}_{k}"] for ii, j, k, c in p.nonzeros if ii == i)
             assert (i in t) == any(nz[0] == i for nz in p.nonzeros)
             assert abs(got.get(f"t{i}", 0.0) - want) <= 1e-12 * (1 + abs(want)), (p.index, i)
+
+
+@pytest.mark.parametrize("unroll", [0, 3, 6])
+def test_forward_unroll_must_be_a_power_of_two(unroll, monkeypatch):
+    """A partial unroll by 3 of the edge loop was compiled without its trip-count checks (wrong results on the
+    H100, docs/design.md), so rendering refuses any unroll that is not a power of two; 1, 2 and 4 render."""
+    from mace_accel.backends.cuda import codegen
+
+    node, sh, mid, ins = mace_conv_args("layer0", mul=32)
+    plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    spec = KernelSpec(KIND_FORWARD, "float32", True)
+    for ok in (1, 2, 4):
+        monkeypatch.setattr(codegen, "SMALL_FORWARD_UNROLL", {"float32": ok, "float64": ok})
+        assert f"#pragma unroll {ok}" in render(plan, spec)["source"]
+    monkeypatch.setattr(codegen, "SMALL_FORWARD_UNROLL", {"float32": unroll, "float64": unroll})
+    with pytest.raises(ValueError, match="power of two"):
+        render(plan, spec)

@@ -574,8 +574,11 @@ def _acc_flush(blocks, row_dim: str, atomic: bool) -> str:
 #: layer 0 (16 accumulators) float32 unroll 2/3/4 0.186/0.177/0.228 ms (unroll 4 needs 71 registers: 28
 #: warps per SM and 3 rounds of warps instead of 2), float64 0.384/0.425/0.294 ms
 #: (benchmarks/results/occupancy_sweep_h100.txt); medium layer 1 (40) and large (71) are fastest without
-#: unrolling (unroll_sweep_h100.txt). Unroll 3 gave WRONG results (float32 rel err 0.19 against e3nn in
-#: bench_conv_L0_h100_v6.json; float64 differed too) while 2 and 4 agree bitwise: not used, cause not found.
+#: unrolling (unroll_sweep_h100.txt). Only powers of two: with ``#pragma unroll 3`` the CUDA 13 compiler
+#: (nvcc and NVRTC) emits the loop over a batch's edges three copies at a time with no trip-count check
+#: before the second and third copy and no remainder loop (2 and 4 get a remainder loop), so a batch whose
+#: length is not a multiple of 3 also adds edges past its end: rel err 0.2 against the reference on the H100
+#: (sanitize_conv_unroll3_h100.txt; memcheck clean, independent of the L2 prefetch).
 UNROLL_MAX_ACC_WORDS = 32
 SMALL_FORWARD_UNROLL = {"float32": 2, "float64": 4}
 
@@ -584,7 +587,11 @@ def _edge_unroll(paths, spec: KernelSpec) -> int:
     if spec.kind != KIND_FORWARD:
         return 1
     words = lane_dims(paths)[2] * (2 if spec.dtype == "float64" else 1)
-    return SMALL_FORWARD_UNROLL[spec.dtype] if words <= UNROLL_MAX_ACC_WORDS else 1
+    unroll = SMALL_FORWARD_UNROLL[spec.dtype] if words <= UNROLL_MAX_ACC_WORDS else 1
+    if unroll < 1 or unroll & (unroll - 1):
+        raise ValueError(f"SMALL_FORWARD_UNROLL[{spec.dtype!r}] = {unroll}: the edge loop unroll must be a power "
+                         "of two (the CUDA compiler drops the trip-count checks of a partial unroll by 3)")
+    return unroll
 
 
 def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) -> str:
