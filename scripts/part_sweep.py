@@ -34,7 +34,7 @@ EXTRA_KINDS = {"double_nogg": codegen.KIND_DOUBLE}
 def specs_for(plan, dt, budget):
     kw = dict(max_words=budget or ONE_PART)
     return [
-        codegen.KernelSpec(codegen.KIND_FORWARD, dt, True,
+        codegen.KernelSpec(codegen.KIND_FORWARD, dt, True, unroll=codegen.SMALL_FORWARD_UNROLL[dt],
                            parts=codegen.parts_for(plan, codegen.KIND_FORWARD, dt, **kw)),
         codegen.KernelSpec(codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True,
                            parts=codegen.parts_for(plan, codegen.KIND_BACKWARD, dt, codegen.DX_ATOMIC, **kw)),

@@ -89,11 +89,14 @@ def main():
 
 
 def unroll_sweep(args):
-    """Forward time against the edge-loop unroll factor (patched into the code generator, kernels rebuilt)."""
+    """Forward time against the edge-loop unroll factor (every part unrolled; the factor is part of the kernel
+    spec, so each one compiles its own kernel)."""
     from mace_accel.backends import cuda as cuda_backend
     from mace_accel.backends.cuda import codegen
 
-    original = codegen._edge_unroll
+    saved = dict(codegen.SMALL_FORWARD_UNROLL), codegen.UNROLL_MAX_ACC_WORDS
+    codegen.UNROLL_MAX_ACC_WORDS = 1 << 30  # read at render time: forget kernels rendered with the default
+    cuda_backend._FUNCS.clear()
     E, N = args.edges, args.nodes
     r = torch.sort(torch.randint(0, N, (E,), device="cuda"))[0]
     s = torch.randint(0, N, (E,), device="cuda")
@@ -106,17 +109,16 @@ def unroll_sweep(args):
             w = torch.randn(E, conv.weight_numel, device="cuda", dtype=dtype)
             times, ref = [], None
             for unroll in (1, 2, 4, 8):
-                codegen._edge_unroll = lambda plan, spec, u=unroll: u if spec.kind == codegen.KIND_FORWARD else 1
-                cuda_backend._FUNCS.clear()
+                codegen.SMALL_FORWARD_UNROLL = {"float32": unroll, "float64": unroll}
                 out = conv(x, y, w, s, r)
                 ref = out if ref is None else ref
                 assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
                 times.append(timeit(lambda: conv(x, y, w, s, r)))
-            codegen._edge_unroll = original
-            cuda_backend._FUNCS.clear()
             print(f"{layer:8s} {str(dtype)[6:]:8s} fwd ms by unroll 1/2/4/8: "
-                  + " ".join(f"{t:.3f}" for t in times) + f" (default {original(conv.plan, codegen.KernelSpec(codegen.KIND_FORWARD, str(dtype)[6:], True))})",
-                  flush=True)
+                  + " ".join(f"{t:.3f}" for t in times) + f" (default {saved[0][str(dtype)[6:]]} where the "
+                  f"accumulators fit {saved[1]} words)", flush=True)
+    codegen.SMALL_FORWARD_UNROLL, codegen.UNROLL_MAX_ACC_WORDS = saved
+    cuda_backend._FUNCS.clear()
 
 
 if __name__ == "__main__":

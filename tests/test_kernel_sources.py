@@ -225,15 +225,18 @@ def test_factored_contractions_match_the_nonzeros(layer):
 @pytest.mark.parametrize("unroll", [0, 3, 6])
 def test_forward_unroll_must_be_a_power_of_two(unroll, monkeypatch):
     """A partial unroll by 3 of the edge loop was compiled without its trip-count checks (wrong results on the
-    H100, docs/design.md), so rendering refuses any unroll that is not a power of two; 1, 2 and 4 render."""
+    H100, docs/design.md), so a kernel spec refuses any unroll that is not a power of two, and so does the
+    backend for a table entry; 1, 2 and 4 render."""
+    from mace_accel.backends import cuda as B
     from mace_accel.backends.cuda import codegen
 
     node, sh, mid, ins = mace_conv_args("layer0", mul=32)
     plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
-    spec = KernelSpec(KIND_FORWARD, "float32", True)
     for ok in (1, 2, 4):
-        monkeypatch.setattr(codegen, "SMALL_FORWARD_UNROLL", {"float32": ok, "float64": ok})
-        assert f"#pragma unroll {ok}" in render(plan, spec)["source"]
-    monkeypatch.setattr(codegen, "SMALL_FORWARD_UNROLL", {"float32": unroll, "float64": unroll})
+        assert f"#pragma unroll {ok}" in render(plan, KernelSpec(KIND_FORWARD, "float32", True, unroll=ok))["source"]
     with pytest.raises(ValueError, match="power of two"):
-        render(plan, spec)
+        KernelSpec(KIND_FORWARD, "float32", True, unroll=unroll)
+    monkeypatch.setattr(codegen, "SMALL_FORWARD_UNROLL", {"float32": unroll, "float64": unroll})
+    monkeypatch.setattr(B, "_SPECS", {})
+    with pytest.raises(ValueError, match="power of two"):
+        B._spec(plan, KIND_FORWARD, "float32", True)

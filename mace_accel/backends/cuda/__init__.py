@@ -228,15 +228,16 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     vector_dx = (coalesced_dx and codegen.VECTOR_DX_ATOMICS.get((kind, dt), False)
                  and plan.in1_dim % codegen.VECTOR_WIDTH == 0)
     stage = "" if kind == KIND_GRAD_X else codegen.STAGED_ROWS.get((kind, dt), "")
+    unroll = codegen.SMALL_FORWARD_UNROLL.get(dt, 1) if kind == KIND_FORWARD else 1
     need_gg = need_gg or kind != KIND_DOUBLE
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
            codegen.PART_MAX_LANE_WORDS.get(kind), codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.get(dt), min_blocks, prefetch,
-           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg, stage)
+           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg, stage, unroll)
     spec = _SPECS.get(key)
     if spec is None:
         spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
                           parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks, prefetch, stream_w,
-                          dy_atomic, coalesced_dx, need_gg, vector_dx=vector_dx, stage=stage)
+                          dy_atomic, coalesced_dx, need_gg, vector_dx=vector_dx, stage=stage, unroll=unroll)
         spec = _SPECS[key] = codegen.fit_stage(plan, spec)
     return spec
 

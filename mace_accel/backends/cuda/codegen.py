@@ -71,6 +71,14 @@ class KernelSpec:
     #: rows copied one edge ahead into shared memory (cp.async): "" none, "w" weight rows, "wx" weight and
     #: sender rows; see STAGED_ROWS
     stage: str = ""
+    #: forward: edges per loop iteration in the parts whose accumulators fit UNROLL_MAX_ACC_WORDS (a power of
+    #: two), see SMALL_FORWARD_UNROLL
+    unroll: int = 1
+
+    def __post_init__(self):
+        if self.unroll < 1 or self.unroll & (self.unroll - 1):
+            raise ValueError(f"KernelSpec.unroll = {self.unroll}: the edge loop unroll must be a power of two "
+                             "(the CUDA compiler drops the trip-count checks of a partial unroll by 3)")
 
     @property
     def num_parts(self) -> int:
@@ -83,7 +91,8 @@ class KernelSpec:
                 + (f"_pf{self.prefetch}" if self.prefetch else "")
                 + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else "")
                 + ("_cx" if self.coalesced_dx else "") + ("_v4" if self.vector_dx else "")
-                + ("" if self.need_gg else "_nogg") + (f"_st{self.stage}" if self.stage else ""))
+                + ("" if self.need_gg else "_nogg") + (f"_st{self.stage}" if self.stage else "")
+                + (f"_u{self.unroll}" if self.unroll > 1 else ""))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -578,7 +587,8 @@ def _acc_flush(blocks, row_dim: str, atomic: bool) -> str:
 #: (nvcc and NVRTC) emits the loop over a batch's edges three copies at a time with no trip-count check
 #: before the second and third copy and no remainder loop (2 and 4 get a remainder loop), so a batch whose
 #: length is not a multiple of 3 also adds edges past its end: rel err 0.2 against the reference on the H100
-#: (sanitize_conv_unroll3_h100.txt; memcheck clean, independent of the L2 prefetch).
+#: (sanitize_conv_unroll3_h100.txt; memcheck clean, independent of the L2 prefetch). The backend copies the
+#: entry into ``KernelSpec.unroll``, which refuses anything else.
 UNROLL_MAX_ACC_WORDS = 32
 SMALL_FORWARD_UNROLL = {"float32": 2, "float64": 4}
 
@@ -587,11 +597,7 @@ def _edge_unroll(paths, spec: KernelSpec) -> int:
     if spec.kind != KIND_FORWARD:
         return 1
     words = lane_dims(paths)[2] * (2 if spec.dtype == "float64" else 1)
-    unroll = SMALL_FORWARD_UNROLL[spec.dtype] if words <= UNROLL_MAX_ACC_WORDS else 1
-    if unroll < 1 or unroll & (unroll - 1):
-        raise ValueError(f"SMALL_FORWARD_UNROLL[{spec.dtype!r}] = {unroll}: the edge loop unroll must be a power "
-                         "of two (the CUDA compiler drops the trip-count checks of a partial unroll by 3)")
-    return unroll
+    return spec.unroll if words <= UNROLL_MAX_ACC_WORDS else 1
 
 
 def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) -> str:
