@@ -445,7 +445,7 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, st: _Stage, coalesced: b
 #: aligned (scripts/dx_atomic_sweep.py, dx_atomic_sweep_h100.txt), off -> on: large backward 1.855 -> 1.557,
 #: medium backward 0.862 -> 0.764, large no-gg double 2.507 -> 2.262, medium no-gg double 1.174 -> 1.246.
 COALESCED_DX_ATOMICS = {"float32": True, "float64": True}
-#: elements per vector reduction (float4) of the staged float32 dx atomics
+#: elements per vector reduction of the staged float32 dx atomics (float4: the generated code is written for 4)
 VECTOR_WIDTH = 4
 #: (kind, dtype) -> the staged dx atomics of a float32 kernel go out 4 elements per instruction (``atomicAdd``
 #: on a float4, sm_90) where the row layout allows it (block offsets and the row length multiples of 4).
@@ -484,16 +484,18 @@ def _emit_dx_atomic(code: _Code, in1, row: str, coalesced: bool, vector: bool = 
         code("  __syncwarp();")
         code(f"  scalar_t* __restrict__ slice = dx_row + {off} + chunk * (WARP_SIZE * {d});")
         code(f"  const int valid = ({mul} - chunk * WARP_SIZE) * {d};  // elements of this chunk's channels")
-        if vector and off % VECTOR_WIDTH == 0:
-            quads = WARP_SIZE * d // VECTOR_WIDTH  # 4-element groups of the chunk's slice
+        vec = vector and off % VECTOR_WIDTH == 0
+        if vec:
+            v = VECTOR_WIDTH
+            groups = WARP_SIZE * d // v  # v-element groups of the chunk's slice
             code("#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900")
-            for r in range(-(-quads // WARP_SIZE)):
+            for r in range(-(-groups // WARP_SIZE)):
                 code(f"  {{ const int q = {r} * WARP_SIZE + lane;")
-                code(f"    if (q < {quads} && 4 * q < valid) {{")
-                code("      if (4 * q + 3 < valid) {")
+                code(f"    if (q < {groups} && {v} * q < valid) {{")
+                code(f"      if ({v} * q + {v - 1} < valid) {{")
                 code("        atomicAdd(reinterpret_cast<float4*>(slice) + q, reinterpret_cast<const float4*>(dx_stage)[q]);")
                 code("      } else {")
-                code("        for (int t = 4 * q; t < valid; ++t) atomicAdd(&slice[t], dx_stage[t]);")
+                code(f"        for (int t = {v} * q; t < valid; ++t) atomicAdd(&slice[t], dx_stage[t]);")
                 code("      }")
                 code("    }")
                 code("  }")
@@ -501,7 +503,7 @@ def _emit_dx_atomic(code: _Code, in1, row: str, coalesced: bool, vector: bool = 
         for m in range(d):
             code(f"  if ({m} * WARP_SIZE + lane < valid) "
                  f"atomicAdd(&slice[{m} * WARP_SIZE + lane], dx_stage[{m} * WARP_SIZE + lane]);")
-        if vector and off % VECTOR_WIDTH == 0:
+        if vec:
             code("#endif")
         code("}")
 
