@@ -3,7 +3,7 @@
     python scripts/prefetch_sweep.py [--distances 0 1 2 4 8] [--configs layer0 medium1 large1]
     python scripts/prefetch_sweep.py --stream     # STREAM_WEIGHTS off / on instead, default distances
 
-For each MACE-MP-0 layer config, dtype and kernel kind (forward, atomic backward, fused double backward) on
+For each MACE-MP-0 layer config, dtype and kernel kind (forward, atomic backward, fused double backward; also double_nogg: without d/dgout) on
 the benchmark's Cu graph, sets ``codegen.PREFETCH_EDGES`` for that (kind, dtype) and times the kernel call
 alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups). Each result is compared with
 the distance-0 result: the prefetch is a hint and must not change any value (forward: bitwise; the atomic
@@ -17,13 +17,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
-from part_sweep import KINDS, mp0_plans, precompile, run_sweep  # noqa: E402
+from part_sweep import EXTRA_KINDS, KINDS, mp0_plans, precompile, run_sweep  # noqa: E402
 
 from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.backends.cuda import codegen  # noqa: E402
 
 SPEC_ARGS = {"fwd": (True,), "bwd": (False, codegen.DX_ATOMIC, True, True),
-             "double": (False, codegen.DX_ATOMIC, True, True)}
+             "double": (False, codegen.DX_ATOMIC, True, True), "double_nogg": (False, codegen.DX_ATOMIC, True, True)}
+SPEC_KW = {"double_nogg": {"need_gg": False}}
+KIND_OF = {**KINDS, **EXTRA_KINDS}
 
 
 def main():
@@ -44,10 +46,11 @@ def main():
     for cfg in a.configs:
         for dt in a.dtypes:
             for kname in a.kinds:
-                kind = KINDS[kname]
+                kind = KIND_OF[kname]
                 for d in settings:
                     table[(kind, dt)] = d
-                    jobs.append((plans[cfg], B._spec(plans[cfg], kind, dt, *SPEC_ARGS[kname])))
+                    jobs.append((plans[cfg], B._spec(plans[cfg], kind, dt, *SPEC_ARGS[kname],
+                                                     **SPEC_KW.get(kname, {}))))
     table.clear()
     table.update(saved)
     precompile(jobs)
