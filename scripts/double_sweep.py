@@ -34,7 +34,7 @@ def main():
     s, r, n, e = P.C.cu_graph_on(dev)
     plans = P.mp0_plans(a.configs)
     default = codegen.PART_MAX_LANE_WORDS[codegen.KIND_DOUBLE]
-    default_no_gg = dict(codegen.DOUBLE_NO_GG_MAX_LANE_WORDS)
+    reset = P.restoring(codegen.PART_MAX_LANE_WORDS, codegen.DOUBLE_NO_GG_MAX_LANE_WORDS, codegen.MIN_BLOCKS_PER_SM)
     P.C.gpu_warmup(dev)
     for cfg in a.configs:
         plan = plans[cfg]
@@ -46,7 +46,7 @@ def main():
 
             ref = call(True)
             t = P.C.time_fn(lambda: call(True), dev, 3, 20)["median_ms"]
-            parts = B._spec(plan, codegen.KIND_DOUBLE, dname, False, codegen.DX_ATOMIC, True, True).num_parts
+            parts = P.call_spec(plan, "double", dname).num_parts
             print(f"{cfg:8s} {dname} double need_gg=1 budget {default:3d} parts {parts} {t:8.3f} ms", flush=True)
             for budget in a.budgets:
                 codegen.PART_MAX_LANE_WORDS[codegen.KIND_DOUBLE] = budget or P.ONE_PART
@@ -55,27 +55,20 @@ def main():
                 diff = P.maxrel(res[:3], ref[:3])
                 assert res[3] is None
                 t = P.C.time_fn(lambda: call(False), dev, 3, 20)["median_ms"]
-                parts = B._spec(plan, codegen.KIND_DOUBLE, dname, False, codegen.DX_ATOMIC, True, True,
-                                need_gg=False).num_parts
+                parts = P.call_spec(plan, "double_nogg", dname).num_parts
                 print(f"{cfg:8s} {dname} double need_gg=0 budget {budget:3d} parts {parts} {t:8.3f} ms  "
                       f"maxrel (gx, gy, gw) vs need_gg=1 {diff:.1e}", flush=True)
                 del res
-            codegen.PART_MAX_LANE_WORDS[codegen.KIND_DOUBLE] = default
-            codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.update(default_no_gg)
-            key = (codegen.KIND_DOUBLE, dname)
-            old = codegen.MIN_BLOCKS_PER_SM.get(key)
+            reset()
             for mb in a.min_blocks:
-                codegen.MIN_BLOCKS_PER_SM[key] = mb
+                codegen.MIN_BLOCKS_PER_SM[(codegen.KIND_DOUBLE, dname)] = mb
                 res = call(False)
                 diff = P.maxrel(res[:3], ref[:3])
                 t = P.C.time_fn(lambda: call(False), dev, 3, 20)["median_ms"]
                 print(f"{cfg:8s} {dname} double need_gg=0 min_blocks {mb} {t:8.3f} ms  maxrel vs need_gg=1 "
                       f"{diff:.1e}", flush=True)
                 del res
-            if old is None:
-                codegen.MIN_BLOCKS_PER_SM.pop(key, None)
-            else:
-                codegen.MIN_BLOCKS_PER_SM[key] = old
+            reset()
 
 
 if __name__ == "__main__":

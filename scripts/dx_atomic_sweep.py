@@ -29,23 +29,15 @@ def main():
     dev = torch.device("cuda")
     graph = P.C.cu_graph_on(dev)
     plans = P.mp0_plans(a.configs)
-    saved = dict(codegen.COALESCED_DX_ATOMICS)
+    reset = P.restoring(codegen.COALESCED_DX_ATOMICS, codegen.VECTOR_DX_ATOMICS)
     P.C.gpu_warmup(dev)
-
-    saved_vec = dict(codegen.VECTOR_DX_ATOMICS)
 
     def apply(kind, dname, setting):
         codegen.COALESCED_DX_ATOMICS[dname] = setting != "per-lane"
         codegen.VECTOR_DX_ATOMICS[(kind, dname)] = setting == "staged-v4"
 
-    def describe(plan, kind, dname, setting):
+    def describe(plan, kname, dname, setting):
         return f"dx atomics {setting:9s}"
-
-    def reset(kind, dname):
-        codegen.COALESCED_DX_ATOMICS.clear()
-        codegen.COALESCED_DX_ATOMICS.update(saved)
-        codegen.VECTOR_DX_ATOMICS.clear()
-        codegen.VECTOR_DX_ATOMICS.update(saved_vec)
 
     P.run_sweep(a, plans, graph, dev, ["per-lane", "staged", "staged-v4"], apply, describe, reset)
 

@@ -29,6 +29,8 @@ ONE_PART = 1 << 30
 KINDS = {"fwd": codegen.KIND_FORWARD, "bwd": codegen.KIND_BACKWARD, "double": codegen.KIND_DOUBLE}
 #: further calls sweep_calls offers (not swept by default): the fused double backward without d/dgout
 EXTRA_KINDS = {"double_nogg": codegen.KIND_DOUBLE}
+#: every call name of sweep_calls -> its kernel kind
+ALL_KINDS = {**KINDS, **EXTRA_KINDS}
 
 
 def specs_for(plan, dt, budget):
@@ -81,9 +83,31 @@ def precompile(jobs) -> None:
     print(f"compiled {len(jobs)} kernels", flush=True)
 
 
+def call_spec(plan, kname: str, dt: str):
+    """The spec the backend launches for sweep_calls' call ``kname``, under the current tables."""
+    if kname == "fwd":
+        return B._spec(plan, codegen.KIND_FORWARD, dt, True)
+    if kname == "bwd":
+        return B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True)
+    return B._spec(plan, codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True,
+                   need_gg=kname != "double_nogg")
+
+
+def restoring(*tables):
+    """A ``reset(kind, dtype)`` for run_sweep that puts each of ``tables`` (codegen's dicts) back as they are
+    now."""
+    saved = [(table, dict(table)) for table in tables]
+
+    def reset(kind=None, dname=None):
+        for table, copy in saved:
+            table.clear()
+            table.update(copy)
+    return reset
+
+
 def run_sweep(a, plans, graph, dev, settings, apply, describe, reset) -> None:
     """Time the call of each (config, dtype, kind) of ``a`` under every setting, in order: ``apply(kind, dtype,
-    setting)`` sets it, ``describe(plan, kind, dtype, setting)`` names it in the printed line, ``reset(kind,
+    setting)`` sets it, ``describe(plan, call name, dtype, setting)`` names it in the printed line, ``reset(kind,
     dtype)`` restores the default after the kind. Each result is compared with the first setting's."""
     s, r, n, e = graph
     for cfg in a.configs:
@@ -91,7 +115,7 @@ def run_sweep(a, plans, graph, dev, settings, apply, describe, reset) -> None:
         for dname in a.dtypes:
             calls = sweep_calls(plan, sweep_inputs(plan, getattr(torch, dname), n, e, dev), s, r, n)
             for kname in a.kinds:
-                kind = {**KINDS, **EXTRA_KINDS}[kname]
+                kind = ALL_KINDS[kname]
                 ref = None
                 for setting in settings:
                     apply(kind, dname, setting)
@@ -99,7 +123,7 @@ def run_sweep(a, plans, graph, dev, settings, apply, describe, reset) -> None:
                     diff = 0.0 if ref is None else maxrel(res, ref)
                     ref = res if ref is None else ref
                     t = C.time_fn(calls[kname], dev, 3, 20)["median_ms"]
-                    print(f"{cfg:8s} {dname} {kname:6s} {describe(plan, kind, dname, setting)} {t:8.3f} ms  "
+                    print(f"{cfg:8s} {dname} {kname:6s} {describe(plan, kname, dname, setting)} {t:8.3f} ms  "
                           f"maxrel vs first {diff:.1e}", flush=True)
                     del res
                 reset(kind, dname)
@@ -130,8 +154,8 @@ def main():
     def apply(kind, dname, budget):
         codegen.PART_MAX_LANE_WORDS[kind] = budget or ONE_PART
 
-    def describe(plan, kind, dname, budget):
-        parts = codegen.parts_for(plan, kind, dname, codegen.DX_ATOMIC)
+    def describe(plan, kname, dname, budget):
+        parts = codegen.parts_for(plan, KINDS[kname], dname, codegen.DX_ATOMIC)
         return f"budget {budget:4d} parts {max(1, len(parts))} {[len(p) for p in parts]!s:22s}"
 
     def reset(kind, dname):

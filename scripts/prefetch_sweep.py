@@ -3,8 +3,8 @@
     python scripts/prefetch_sweep.py [--distances 0 1 2 4 8] [--configs layer0 medium1 large1]
     python scripts/prefetch_sweep.py --stream     # STREAM_WEIGHTS off / on instead, default distances
 
-For each MACE-MP-0 layer config, dtype and kernel kind (forward, atomic backward, fused double backward; also double_nogg: without d/dgout) on
-the benchmark's Cu graph, sets ``codegen.PREFETCH_EDGES`` for that (kind, dtype) and times the kernel call
+For each MACE-MP-0 layer config, dtype and kernel kind (forward, atomic backward, fused double backward;
+also double_nogg: without d/dgout) on the benchmark's Cu graph, sets ``codegen.PREFETCH_EDGES`` for that (kind, dtype) and times the kernel call
 alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups). Each result is compared with
 the distance-0 result: the prefetch is a hint and must not change any value (forward: bitwise; the atomic
 kernels: rounding of the atomics' order only). Prints one line per (cell, distance).
@@ -17,15 +17,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
-from part_sweep import EXTRA_KINDS, KINDS, mp0_plans, precompile, run_sweep  # noqa: E402
+from part_sweep import ALL_KINDS, KINDS, call_spec, mp0_plans, precompile, restoring, run_sweep  # noqa: E402
 
-from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.backends.cuda import codegen  # noqa: E402
 
-SPEC_ARGS = {"fwd": (True,), "bwd": (False, codegen.DX_ATOMIC, True, True),
-             "double": (False, codegen.DX_ATOMIC, True, True), "double_nogg": (False, codegen.DX_ATOMIC, True, True)}
-SPEC_KW = {"double_nogg": {"need_gg": False}}
-KIND_OF = {**KINDS, **EXTRA_KINDS}
 
 
 def main():
@@ -41,29 +36,23 @@ def main():
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev)
     plans = mp0_plans(a.configs)
-    saved = dict(table)
-    jobs = []
-    for cfg in a.configs:
-        for dt in a.dtypes:
-            for kname in a.kinds:
-                kind = KIND_OF[kname]
-                for d in settings:
-                    table[(kind, dt)] = d
-                    jobs.append((plans[cfg], B._spec(plans[cfg], kind, dt, *SPEC_ARGS[kname],
-                                                     **SPEC_KW.get(kname, {}))))
-    table.clear()
-    table.update(saved)
-    precompile(jobs)
-    C.gpu_warmup(dev)
+    reset = restoring(table)
 
     def apply(kind, dname, setting):
         table[(kind, dname)] = setting
 
-    def reset(kind, dname):
-        table.clear()
-        table.update(saved)
-
-    run_sweep(a, plans, (s, r, n, e), dev, settings, apply, lambda plan, kind, dname, d: f"{label} {int(d):2d}", reset)
+    jobs = []
+    for cfg in a.configs:
+        for dt in a.dtypes:
+            for kname in a.kinds:
+                for d in settings:
+                    apply(ALL_KINDS[kname], dt, d)
+                    jobs.append((plans[cfg], call_spec(plans[cfg], kname, dt)))
+                reset()
+    precompile(jobs)
+    C.gpu_warmup(dev)
+    run_sweep(a, plans, (s, r, n, e), dev, settings, apply, lambda plan, kname, dname, d: f"{label} {int(d):2d}",
+              reset)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ layer configs in float32 and float64, on a random graph with unsorted indices an
 that the sanitizer sees each kernel the backend launches (staged rows, vector atomics, output parts, unrolled
 forwards). Prints each forward's relative error against the reference backend (float64, CPU).
 ``--unroll N`` sets ``codegen.SMALL_FORWARD_UNROLL`` for both dtypes first (the layer-0 forward walks N edges
-per loop iteration); ``--cu-graph`` uses the benchmark's 160k-edge Cu graph instead (forward only), where
-unroll 3 once gave wrong results (docs/design.md, v6).
+per loop iteration; since v15 the kernel spec refuses anything but a power of two, because unroll 3 gave wrong
+results: docs/design.md); ``--cu-graph`` uses the benchmark's 160k-edge Cu graph instead (forward only).
 """
 import argparse
 import os

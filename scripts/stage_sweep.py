@@ -17,18 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import part_sweep as P  # noqa: E402
 import torch  # noqa: E402
 
-from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.backends.cuda import codegen  # noqa: E402
-
-
-def call_spec(plan, kname, dt):
-    """The spec the backend launches for sweep_calls' ``kname``, under the current tables."""
-    if kname == "fwd":
-        return B._spec(plan, codegen.KIND_FORWARD, dt, True)
-    if kname == "bwd":
-        return B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True)
-    return B._spec(plan, codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True,
-                   need_gg=kname != "double_nogg")
 
 
 def main():
@@ -42,33 +31,26 @@ def main():
     graph = P.C.cu_graph_on(dev)
     plans = P.mp0_plans(a.configs)
     settings = [("", 0), ("w", 0), ("wx", 0), ("w", a.min_blocks), ("wx", a.min_blocks)]
-    saved_stage, saved_mb = dict(codegen.STAGED_ROWS), dict(codegen.MIN_BLOCKS_PER_SM)
-    kind_of = {**P.KINDS, **P.EXTRA_KINDS}
+    reset = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM)
 
     def apply(kind, dname, setting):
         stage, mb = setting
         codegen.STAGED_ROWS[(kind, dname)] = stage
         codegen.MIN_BLOCKS_PER_SM[(kind, dname)] = mb
 
-    def reset(kind, dname):
-        for table, saved in ((codegen.STAGED_ROWS, saved_stage), (codegen.MIN_BLOCKS_PER_SM, saved_mb)):
-            table.clear()
-            table.update(saved)
-
     jobs = []
     for cfg in a.configs:
         for dt in a.dtypes:
             for kname in a.kinds:
                 for setting in settings:
-                    apply(kind_of[kname], dt, setting)
-                    jobs.append((plans[cfg], call_spec(plans[cfg], kname, dt)))
-                reset(kind_of[kname], dt)
+                    apply(P.ALL_KINDS[kname], dt, setting)
+                    jobs.append((plans[cfg], P.call_spec(plans[cfg], kname, dt)))
+                reset()
     P.precompile(dict(((p.key, s), (p, s)) for p, s in jobs).values())
     P.C.gpu_warmup(dev)
 
-    def describe(plan, kind, dname, setting):
-        kname = next(k for k in a.kinds if kind_of[k] == kind)
-        spec = call_spec(plan, kname, dname)
+    def describe(plan, kname, dname, setting):
+        spec = P.call_spec(plan, kname, dname)
         return f"stage {spec.stage or '-':2s} min_blocks {spec.min_blocks}"
 
     P.run_sweep(a, plans, graph, dev, settings, apply, describe, reset)

@@ -323,7 +323,7 @@ def fused_double_fits(plan: TPPlan, dtype: torch.dtype, need_gg: bool = True) ->
         for part in spec.parts or (tuple(range(len(plan.paths))),):
             in1, in2, out = lane_dims([plan.paths[i] for i in part])
             words = max(words, codegen.out_values_per_lane(KIND_DOUBLE, need_gg) * out + 3 * in1 + 3 * in2)
-        fits = _FITS[(plan.key, spec)] = words * (2 if dt == "float64" else 1) <= FUSED_DOUBLE_MAX_LANE_WORDS
+        fits = _FITS[(plan.key, spec)] = words * codegen.register_words(dt) <= FUSED_DOUBLE_MAX_LANE_WORDS
     return fits
 
 

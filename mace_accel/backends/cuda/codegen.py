@@ -18,6 +18,12 @@ KIND_FORWARD, KIND_BACKWARD, KIND_GRAD_X, KIND_DOUBLE = 0, 1, 2, 3
 DX_NONE, DX_ATOMIC, DX_STORE = 0, 1, 2
 THREADS_PER_BLOCK = WARP_SIZE * WARPS_PER_BLOCK
 _SCALAR = {"float32": "float", "float64": "double"}
+SCALAR_BYTES = {"float32": 4, "float64": 8}
+
+
+def register_words(dtype: str) -> int:
+    """32-bit registers one value of ``dtype`` takes (the unit of the per-lane budgets)."""
+    return SCALAR_BYTES[dtype] // 4
 
 
 def template_text(name: str) -> str:
@@ -161,7 +167,7 @@ def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
     budget = PART_MAX_LANE_WORDS.get(kind, 1 << 30) if max_words is None else max_words
     if kind == KIND_DOUBLE and not need_gg and max_words is None:
         budget = DOUBLE_NO_GG_MAX_LANE_WORDS.get(dtype, budget)
-    per_value = (2 if dtype == "float64" else 1) * out_values_per_lane(kind, need_gg)
+    per_value = register_words(dtype) * out_values_per_lane(kind, need_gg)
     parts = split_outputs(plan, max(1, budget // per_value))
     return () if len(parts) == 1 else parts
 
@@ -251,8 +257,6 @@ class _Stage:
         head = (f"{{ scalar_t* __restrict__ dst = row_stage + ({buffer}) * {len(self.slots)} * WARP_SIZE + lane; "
                 f"const index_t E = {e}; const index_t S = {s}; (void)E; (void)S;")
         return "\n".join([head] + ["  " + c for c in self.copies] + ["}"])
-
-
 
 
 def _y_loads(code: _Code, in2: Dict[int, tuple]):
@@ -598,7 +602,7 @@ SMALL_FORWARD_UNROLL = {"float32": 2, "float64": 4}
 def _edge_unroll(paths, spec: KernelSpec) -> int:
     if spec.kind != KIND_FORWARD:
         return 1
-    words = lane_dims(paths)[2] * (2 if spec.dtype == "float64" else 1)
+    words = lane_dims(paths)[2] * register_words(spec.dtype)
     return spec.unroll if words <= UNROLL_MAX_ACC_WORDS else 1
 
 
@@ -664,7 +668,6 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     })
 
 
-SCALAR_BYTES = {"float32": 4, "float64": 8}
 #: static shared memory one block may declare (CUDA's limit without the dynamic opt-in is 48 KB)
 SMEM_STATIC_MAX_BYTES = 48 * 1024
 #: (kind, dtype) -> rows a kernel copies one edge ahead into shared memory with cp.async ("w": the weight
@@ -693,15 +696,15 @@ def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
     return dx, row
 
 
-def smem_bytes(plan: TPPlan, spec: KernelSpec) -> int:
-    """Static shared memory of one block of the kernel."""
-    return sum(stage_words(plan, spec)) * SCALAR_BYTES[spec.dtype] * WARPS_PER_BLOCK
+def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
+    """Static shared memory of one block of the kernel, from its ``stage_words``."""
+    return sum(words) * SCALAR_BYTES[spec.dtype] * WARPS_PER_BLOCK
 
 
 def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
     """``spec`` with fewer staged rows ("wx" -> "w" -> "") where its buffers would not fit a block's static
     shared memory (large float64 layers)."""
-    while spec.stage and smem_bytes(plan, spec) > SMEM_STATIC_MAX_BYTES:
+    while spec.stage and smem_bytes(spec, stage_words(plan, spec)) > SMEM_STATIC_MAX_BYTES:
         spec = replace(spec, stage="w" if spec.stage == "wx" else "")
     return spec
 
@@ -718,8 +721,8 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         raise ValueError(f"kernel parts {parts} share an output block")
     # per warp: a shared-memory stage for the coalesced dx atomics and two buffers of staged rows, each sized
     # for the largest part (a warp runs one part)
-    dx_words, row_words = stage_words(plan, spec)
-    smem = smem_bytes(plan, spec)
+    dx_words, row_words = words = stage_words(plan, spec)
+    smem = smem_bytes(spec, words)
     if smem > SMEM_STATIC_MAX_BYTES:
         raise ValueError(f"kernel {prefix}: {smem} bytes of static shared memory per block, over "
                          f"{SMEM_STATIC_MAX_BYTES}")
