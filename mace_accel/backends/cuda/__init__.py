@@ -226,7 +226,7 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     coalesced_dx = codegen.COALESCED_DX_ATOMICS.get(dt, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
     # 16-byte vector atomics need 16-byte aligned rows (the dx buffers are allocated here, so their start is)
     vector_dx = (coalesced_dx and codegen.VECTOR_DX_ATOMICS.get((kind, dt), False)
-                 and plan.in1_dim % codegen.VECTOR_WIDTH == 0)
+                 and codegen.vector_rows_aligned(plan))
     stage = "" if kind == KIND_GRAD_X else codegen.STAGED_ROWS.get((kind, dt), "")
     unroll = codegen.SMALL_FORWARD_UNROLL.get(dt, 1) if kind == KIND_FORWARD else 1
     need_gg = need_gg or kind != KIND_DOUBLE

@@ -459,6 +459,13 @@ VECTOR_WIDTH = 4
 VECTOR_DX_ATOMICS: Dict[Tuple[int, str], bool] = {(KIND_DOUBLE, "float32"): True}
 
 
+def vector_rows_aligned(plan: TPPlan) -> bool:
+    """Whether every sender row of the plan starts 16-byte aligned in a freshly allocated [N, D1] float32
+    buffer (D1 a multiple of VECTOR_WIDTH), as the vector dx atomics need; each block's own offset is checked
+    where its atomics are emitted."""
+    return plan.in1_dim % VECTOR_WIDTH == 0
+
+
 def _dx_stage_words(in1, coalesced: bool) -> int:
     """Elements of one warp's shared-memory stage for the coalesced dx atomics (0: not used)."""
     dmax = max((d for (_o, d, _m) in in1.values()), default=1)
@@ -721,6 +728,9 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         raise ValueError(f"kernel parts {parts} share an output block")
     # per warp: a shared-memory stage for the coalesced dx atomics and two buffers of staged rows, each sized
     # for the largest part (a warp runs one part)
+    if spec.vector_dx and not vector_rows_aligned(plan):
+        raise ValueError(f"kernel {prefix}: vector dx atomics need a row length that is a multiple of "
+                         f"{VECTOR_WIDTH}, not {plan.in1_dim}")
     dx_words, row_words = words = stage_words(plan, spec)
     smem = smem_bytes(spec, words)
     if smem > SMEM_STATIC_MAX_BYTES:
