@@ -140,12 +140,83 @@ __device__ __forceinline__ void stage_commit()
 #endif
 }
 
-// every copy group but the latest is complete (the current edge's; the next edge's may still be in flight)
+// every copy group but the latest AHEAD is complete (the current edge's; the next ones may still be in flight)
+template <int AHEAD>
 __device__ __forceinline__ void stage_wait_prev()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD) : "memory");
 #endif
+}
+
+// Bulk-staged weight rows (codegen.STAGED_ROWS "b"): the weights of one edge that a warp uses are, per path,
+// 32 consecutive values of the row (the chunk's channels), so one lane per path copies them with a single
+// sm_90 bulk copy (the copy engine reads each L2 sector once and holds no registers) into the warp's
+// buffer; an mbarrier per buffer counts the bytes in. Before sm_90 the lane copies them itself and a warp
+// barrier stands in for the mbarrier.
+template <int BUFFERS>
+__device__ __forceinline__ void bulk_init(unsigned long long* bars)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if ((threadIdx.x & (WARP_SIZE - 1)) == 0) {
+        for (int b = 0; b < BUFFERS; ++b)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"
+                         :: "r"((unsigned)__cvta_generic_to_shared(bars + b)) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+#else
+    (void)bars;
+#endif
+    __syncwarp();
+}
+
+// Called by the whole warp (warp-uniform): lane 0 announces the bytes the buffer's copies will bring; the
+// warp barrier first makes sure every lane has finished reading the buffer's previous edge.
+__device__ __forceinline__ void bulk_expect(unsigned long long* bar, const unsigned bytes)
+{
+    __syncwarp();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if ((threadIdx.x & (WARP_SIZE - 1)) == 0) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     :: "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(bytes) : "memory");
+    }
+    __syncwarp();
+#else
+    (void)bar; (void)bytes;
+#endif
+}
+
+// One lane: copy `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared memory.
+__device__ __forceinline__ void bulk_copy(scalar_t* dst, const scalar_t* src, const unsigned bytes,
+                                          unsigned long long* bar)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(__cvta_generic_to_global(src)), "r"(bytes),
+                    "r"((unsigned)__cvta_generic_to_shared(bar)) : "memory");
+#else
+    (void)bar;
+    for (unsigned k = 0; k < bytes / 16; ++k)
+        reinterpret_cast<float4*>(dst)[k] = reinterpret_cast<const float4*>(src)[k];
+#endif
+}
+
+// The whole warp waits until the buffer's copies have landed; `phase` holds one parity bit per buffer.
+__device__ __forceinline__ void bulk_wait(unsigned long long* bar, const int buffer, unsigned& phase)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(bar);
+    const unsigned parity = (phase >> buffer) & 1u;
+    unsigned done = 0;
+    while (!done) {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(addr), "r"(parity) : "memory");
+    }
+#else
+    (void)bar;
+    __syncwarp();
+#endif
+    phase ^= 1u << buffer;
 }
 
 $$PARTS$$

@@ -7,11 +7,14 @@ __device__ __forceinline__ void $$NAME$$_part$$PART$$(CONV_PARAMS, const index_t
                                                    scalar_t* __restrict__ row_stage)
 {
     (void)dx_stage;  // this warp's shared-memory stage for the coalesced dx atomics (or null)
-    (void)row_stage;  // this warp's two buffers of rows copied one edge ahead (STAGE_SLOTS values per lane each)
+    (void)row_stage;  // this warp's STAGE_BUFFERS buffers of rows copied ahead (STAGE_SLOTS values per lane each)
     constexpr int STAGE_SLOTS = $$STAGE_SLOTS$$;
+    constexpr int STAGE_AHEAD = $$STAGE_AHEAD$$;  // edges copied ahead of the one being contracted
+    constexpr int STAGE_BUFFERS = STAGE_AHEAD + 1;
     constexpr int PART_ID = $$PART$$;  // this part's slice of DY
     (void)PART_ID;
     const int u = chunk * WARP_SIZE + lane;
+$$STAGE_INIT$$
 
 #if SEGMENTED
     const index_t p0 = seg_ptr ? seg_ptr[item] : item;
@@ -51,25 +54,23 @@ $$SEGMENT_LOAD$$
         const bool prefetcher = (PART_ID == 0 && chunk == 0);
         if (prefetcher) prefetch_weight_rows(W, W2, my_e, w_stride, lane < PREFETCH_EDGES && lane < batch);
 #endif
-        if (STAGE_SLOTS > 0) {  // the batch's first edge into buffer 0 (later edges: one ahead, in the loop)
+        if (STAGE_SLOTS > 0) {  // the batch's first STAGE_AHEAD edges into buffers 0.. (later ones in the loop)
 $$STAGE_FIRST$$
-            stage_commit();
         }
 #pragma unroll $$EDGE_UNROLL$$
         for (int q = 0; q < batch; ++q) {
             const index_t e = __shfl_sync(0xffffffffu, my_e, q);
             const index_t key = __shfl_sync(0xffffffffu, my_key, q);
             const index_t other = __shfl_sync(0xffffffffu, my_other, q);
-            const scalar_t* __restrict__ stg = row_stage + (q & 1) * STAGE_SLOTS * WARP_SIZE;
+            const scalar_t* __restrict__ stg = row_stage + (q % STAGE_BUFFERS) * STAGE_SLOTS * WARP_SIZE;
             (void)stg;
-            if (STAGE_SLOTS > 0) {  // copy edge q + 1's rows into the other buffer, then wait for edge q's
-                const index_t e_next = __shfl_sync(0xffffffffu, my_e, (q + 1) & (WARP_SIZE - 1));
-                const index_t s_next = __shfl_sync(0xffffffffu, my_other, (q + 1) & (WARP_SIZE - 1));
-                if (q + 1 < batch) {
+            if (STAGE_SLOTS > 0) {  // copy edge q + STAGE_AHEAD's rows into its buffer, then wait for edge q's
+                const index_t e_next = __shfl_sync(0xffffffffu, my_e, (q + STAGE_AHEAD) & (WARP_SIZE - 1));
+                const index_t s_next = __shfl_sync(0xffffffffu, my_other, (q + STAGE_AHEAD) & (WARP_SIZE - 1));
+                if (q + STAGE_AHEAD < batch) {
 $$STAGE_NEXT$$
                 }
-                stage_commit();
-                stage_wait_prev();
+$$STAGE_WAIT$$
             }
 #if PREFETCH_EDGES > 0
             if (prefetcher) {  // warp-uniform

@@ -1,12 +1,13 @@
 """Probe: hardware counters of chosen conv kernels under Nsight Compute (GPU machine with ncu).
 
     ncu --profile-from-start off --clock-control none -k regex:mace_accel_tp --section ... \
-        python scripts/ncu_conv.py large1:float32:bwd medium1:float32:double_nogg ...
+        python scripts/ncu_conv.py [--stream-weights] large1:float32:bwd medium1:float32:double_nogg ...
 
 Each argument names one kernel call of scripts/part_sweep.py's ``sweep_calls`` (config:dtype:kind) on the
 benchmark's Cu graph with fresh random inputs. Every call runs twice first (compile, receiver order memoised),
 then once more between cudaProfilerStart/Stop, so ncu sees only that launch (plus the small grouping and
-zeroing kernels around it, which the ``-k`` filter leaves out).
+zeroing kernels around it, which the ``-k`` filter leaves out). ``--stream-weights``: with
+``codegen.STREAM_WEIGHTS`` on for every kernel kind (weight rows read and dW written L2 evict-first).
 """
 import os
 import sys
@@ -17,6 +18,11 @@ import torch  # noqa: E402
 
 
 def main(argv):
+    if "--stream-weights" in argv:
+        argv = [a for a in argv if a != "--stream-weights"]
+        for kind in P.ALL_KINDS.values():
+            for dt in ("float32", "float64"):
+                P.codegen.STREAM_WEIGHTS[(kind, dt)] = True
     dev = torch.device("cuda")
     s, r, n, e = P.C.cu_graph_on(dev)
     cells = [a.split(":") for a in argv]

@@ -2,12 +2,15 @@
 
     python scripts/stage_sweep.py [--configs layer0 medium1 large1] [--dtypes float32 float64]
                                   [--kinds fwd bwd double_nogg] [--min-blocks 3]
+                                  [--settings none:0:1 b:0:0 ...]
 
 For each MACE-MP-0 layer config, dtype and kernel kind on the benchmark's Cu graph, times the kernel call
 alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups) with ``codegen.STAGED_ROWS`` off,
 "w" (weight rows) and "wx" (weight and sender rows; as much as fits the block's shared memory), and the
 staged settings again with ``__launch_bounds__`` asking for ``--min-blocks`` resident blocks (the staged
 kernels may need more registers than the plain ones). Each result is compared with the first setting's.
+``--settings`` replaces that list: each STAGE:MIN_BLOCKS:PREFETCH[:AHEAD] ("none" for no stage; e.g. "b:0:0" bulk-staged
+weight rows without the L2 prefetch, which would read every weight sector from L2 twice).
 """
 import argparse
 import os
@@ -26,17 +29,26 @@ def main():
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     ap.add_argument("--kinds", nargs="*", default=["fwd", "bwd", "double_nogg"])
     ap.add_argument("--min-blocks", type=int, default=3)
+    ap.add_argument("--settings", nargs="*", default=None, help="STAGE:MIN_BLOCKS:PREFETCH each")
     a = ap.parse_args()
     dev = torch.device("cuda")
     graph = P.C.cu_graph_on(dev)
     plans = P.mp0_plans(a.configs)
-    settings = [("", 0), ("w", 0), ("wx", 0), ("w", a.min_blocks), ("wx", a.min_blocks)]
-    reset = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM)
+    settings = [("", 0, None, 1), ("w", 0, None, 1), ("wx", 0, None, 1), ("w", a.min_blocks, None, 1),
+                ("wx", a.min_blocks, None, 1)]
+    if a.settings:
+        settings = [("" if f[0] == "none" else f[0], int(f[1]), int(f[2]), int(f[3]) if len(f) > 3 else 1)
+                    for f in (t.split(":") for t in a.settings)]
+    reset = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM, codegen.PREFETCH_EDGES, codegen.STAGE_AHEAD)
 
     def apply(kind, dname, setting):
-        stage, mb = setting
+        stage, mb, pf, ahead = setting
+        reset()
+        codegen.STAGE_AHEAD[(kind, dname)] = ahead
         codegen.STAGED_ROWS[(kind, dname)] = stage
         codegen.MIN_BLOCKS_PER_SM[(kind, dname)] = mb
+        if pf is not None:
+            codegen.PREFETCH_EDGES[(kind, dname)] = pf
 
     jobs = []
     for cfg in a.configs:
@@ -51,7 +63,8 @@ def main():
 
     def describe(plan, kname, dname, setting):
         spec = P.call_spec(plan, kname, dname)
-        return f"stage {spec.stage or '-':2s} min_blocks {spec.min_blocks}"
+        return (f"stage {spec.stage or '-':2s} ahead {spec.stage_ahead} min_blocks {spec.min_blocks} "
+                f"prefetch {spec.prefetch}")
 
     P.run_sweep(a, plans, graph, dev, settings, apply, describe, reset)
 

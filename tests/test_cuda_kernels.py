@@ -332,6 +332,65 @@ def test_vector_dx_atomics_float32(node, monkeypatch):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stream", [False, True])
+def test_streamed_weights_cuda_vs_e3nn(stream, dtype, deterministic, monkeypatch):
+    """Every kernel kind with its weight rows read and dW written as streaming data (codegen.STREAM_WEIGHTS:
+    evict-first loads and prefetch, streaming stores) or without matches e3nn to every derivative order
+    (large layer 1: float64 splits into output parts)."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_GRAD_X, codegen.KIND_DOUBLE)
+    monkeypatch.setattr(codegen, "STREAM_WEIGHTS", {(k, dt): stream for k in kinds for dt in ("float32", "float64")})
+    monkeypatch.setattr(B, "_SPECS", {})
+    node, sh, mid, ins = mace_conv_args("large1", mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    spec = B._spec(conv.plan, codegen.KIND_BACKWARD, str(dtype)[6:], deterministic,
+                   codegen.DX_NONE if deterministic else codegen.DX_ATOMIC, True, True)
+    assert spec.stream_w == stream
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=17)
+    _check(conv, tp64, x, y, w, s, r, dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["layer0", "large1"])
+def test_bulk_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
+    """Every kernel kind with its weight rows bulk-copied one edge ahead into shared memory (stage "bx": the
+    weight rows by sm_90 bulk copies and mbarriers, the sender rows by cp.async; as much as fits) matches e3nn
+    to every derivative order, with and without the L2 prefetch, one and two edges ahead (a batch of edges
+    shorter than that included: layer 0's segments). The weights come in as a view that starts 4
+    bytes into its storage, which the launch must copy to an aligned buffer."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
+    monkeypatch.setattr(codegen, "STAGED_ROWS", {(k, dt): "bx" for k in kinds for dt in ("float32", "float64")})
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=13)
+    flat = torch.randn(w.numel() + 1, dtype=dtype, device=DEV)
+    w_odd = flat[1:].view_as(w)
+    w_odd.copy_(w)
+    assert w_odd.data_ptr() % codegen.BULK_ALIGN_BYTES
+    for prefetch, ahead in ((0, 2), (1, 1)):  # edges in flight: 2 (three buffers) and 1
+        monkeypatch.setattr(codegen, "PREFETCH_EDGES", {(k, dt): prefetch for k in kinds
+                                                        for dt in ("float32", "float64")})
+        monkeypatch.setattr(codegen, "STAGE_AHEAD", {(k, dt): ahead for k in kinds for dt in ("float32", "float64")})
+        monkeypatch.setattr(B, "_SPECS", {})
+        spec = B._spec(conv.plan, codegen.KIND_BACKWARD, str(dtype)[6:], deterministic,
+                       codegen.DX_NONE if deterministic else codegen.DX_ATOMIC, True, True)
+        assert "b" in spec.stage and "bulk_copy(bdst" in codegen.render(conv.plan, spec)["source"]
+        _check(conv, tp64, x, y, w, s, r, dtype)
+        out = conv(x, y, w_odd, s, r)
+        assert rel(out.double(), e3nn_conv(tp64, x.double(), y.double(), w.double(), s, r, x.shape[0])) < \
+            (1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layer", ["layer0", "large1"])
 def test_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
     """Every kernel kind that can copy its weight and sender rows one edge ahead into shared memory

@@ -60,7 +60,12 @@ def _option_specs(dtype):
                        vector_dx=dtype == "float32"),
             KernelSpec(KIND_FORWARD, dtype, True, stage="wx"),  # rows copied one edge ahead (cp.async)
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="w"),
-            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="wx")]
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="wx"),
+            KernelSpec(KIND_FORWARD, dtype, True, stage="bx", unroll=2),  # bulk-copied weight rows (sm_90)
+            KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="b"),
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="bx"),
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, need_gg=False,
+                       stage="b", prefetch=1)]
 
 
 def _launched_specs(plan, dtype):
@@ -240,3 +245,52 @@ def test_forward_unroll_must_be_a_power_of_two(unroll, monkeypatch):
     monkeypatch.setattr(B, "_SPECS", {})
     with pytest.raises(ValueError, match="power of two"):
         B._spec(plan, KIND_FORWARD, "float32", True)
+
+
+def test_bulk_staged_rows_rules(tmp_path):
+    """Bulk-copied weight rows (stage "b"): the copies need 16-byte slices, so render refuses a plan whose
+    path slices are not (and the backend does not pick "b" for it); fit_stage drops rows in order; an unknown
+    stage is refused; and the fallback for GPUs before sm_90 (lanes copy synchronously) compiles."""
+    from mace.modules.irreps_tools import tp_out_irreps_with_instructions
+    from e3nn import o3
+
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    with pytest.raises(ValueError, match="stage"):
+        KernelSpec(KIND_FORWARD, "float32", True, stage="q")
+    node, sh = o3.Irreps("6x0e+6x1o"), o3.Irreps.spherical_harmonics(2)  # 6 float32 channels: 24-byte slices
+    mid, ins = tp_out_irreps_with_instructions(node, sh, o3.Irreps("6x0e+6x1o"))
+    odd = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    assert not codegen.bulk_rows_aligned(odd, "float32") and codegen.bulk_rows_aligned(odd, "float64")
+    with pytest.raises(ValueError, match="bulk"):
+        render(odd, KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, stage="b"))
+    tables = dict(codegen.STAGED_ROWS)
+    try:
+        codegen.STAGED_ROWS[(KIND_BACKWARD, "float32")] = "bx"
+        B._SPECS.clear()
+        assert B._spec(odd, KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True).stage == "x"
+    finally:
+        codegen.STAGED_ROWS.clear()
+        codegen.STAGED_ROWS.update(tables)
+        B._SPECS.clear()
+    node, sh, mid, ins = mace_conv_args("large1", mul=128)
+    plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    big = KernelSpec(KIND_DOUBLE, "float64", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="bx")
+    assert fit_stage(plan, big).stage in ("b", "")
+    for ahead in (1, 2, 3):  # every warp's buffers start 16-byte aligned (the bulk copies' destinations)
+        for dt in ("float32", "float64"):
+            spec = KernelSpec(KIND_BACKWARD, dt, False, DX_ATOMIC, True, True, stage="bx", stage_ahead=ahead)
+            assert codegen.stage_words(plan, spec)[1] * codegen.SCALAR_BYTES[dt] % codegen.BULK_ALIGN_BYTES == 0
+    with pytest.raises(ValueError, match="stage_ahead"):
+        KernelSpec(KIND_FORWARD, "float32", True, stage="b", stage_ahead=0)
+    assert codegen.smem_bytes(fit_stage(plan, big), codegen.stage_words(plan, fit_stage(plan, big))) \
+        <= codegen.SMEM_STATIC_MAX_BYTES
+    if shutil.which("nvcc") is None:
+        return
+    spec = KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="b")
+    src = tmp_path / "bulk80.cu"
+    src.write_text(render(plan, spec)["source"])
+    p = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "-cubin", "-o", str(src.with_suffix(".cubin")),
+                        str(src)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -88,6 +88,8 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     if warps == 0:
         return
     index = device_index(device)
+    if "b" in spec.stage:  # bulk-staged weight rows: a weight view that does not start 16-byte aligned is copied
+        W, W2 = (t.clone() if t is not None and t.data_ptr() % codegen.BULK_ALIGN_BYTES else t for t in (W, W2))
     args = tuple([_ptr(t) for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)]
                  + [int(num_edges), int(num_items), int(w_stride)])
     run_on_torch_stream(_function(plan, spec, index), device, -(-warps // WARPS_PER_BLOCK), THREADS_PER_BLOCK, args)
@@ -228,16 +230,20 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     vector_dx = (coalesced_dx and codegen.VECTOR_DX_ATOMICS.get((kind, dt), False)
                  and codegen.vector_rows_aligned(plan))
     stage = "" if kind == KIND_GRAD_X else codegen.STAGED_ROWS.get((kind, dt), "")
+    if "b" in stage and not codegen.bulk_rows_aligned(plan, dt):  # bulk copies need 16-byte slices
+        stage = stage.replace("b", "")
+    stage_ahead = codegen.STAGE_AHEAD.get((kind, dt), 1) if stage else 1
     unroll = codegen.SMALL_FORWARD_UNROLL.get(dt, 1) if kind == KIND_FORWARD else 1
     need_gg = need_gg or kind != KIND_DOUBLE
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
            codegen.PART_MAX_LANE_WORDS.get(kind), codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.get(dt), min_blocks, prefetch,
-           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg, stage, unroll)
+           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg, stage, stage_ahead, unroll)
     spec = _SPECS.get(key)
     if spec is None:
         spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
                           parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks, prefetch, stream_w,
-                          dy_atomic, coalesced_dx, need_gg, vector_dx=vector_dx, stage=stage, unroll=unroll)
+                          dy_atomic, coalesced_dx, need_gg, vector_dx=vector_dx, stage=stage, stage_ahead=stage_ahead,
+                          unroll=unroll)
         spec = _SPECS[key] = codegen.fit_stage(plan, spec)
     return spec
 

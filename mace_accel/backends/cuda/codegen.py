@@ -74,14 +74,22 @@ class KernelSpec:
     need_gg: bool = True
     #: float32 staged dx atomics issued 4 elements at a time (sm_90 vector reduction), see VECTOR_DX_ATOMICS
     vector_dx: bool = False
-    #: rows copied one edge ahead into shared memory (cp.async): "" none, "w" weight rows, "wx" weight and
-    #: sender rows; see STAGED_ROWS
+    #: rows copied one edge ahead into shared memory: "" none, "w" weight rows (cp.async, per lane), "wx"
+    #: weight and sender rows, "b" weight rows by bulk copies (sm_90, one per path and warp), "bx" bulk
+    #: weight rows and cp.async sender rows; see STAGED_ROWS
     stage: str = ""
+    #: edges ahead of the contracted one whose rows are in flight (``stage``; one buffer each, plus the
+    #: current edge's), see STAGE_AHEAD
+    stage_ahead: int = 1
     #: forward: edges per loop iteration in the parts whose accumulators fit UNROLL_MAX_ACC_WORDS (a power of
     #: two), see SMALL_FORWARD_UNROLL
     unroll: int = 1
 
     def __post_init__(self):
+        if self.stage not in STAGE_CHOICES:
+            raise ValueError(f"KernelSpec.stage = {self.stage!r}: expected one of {STAGE_CHOICES}")
+        if not 1 <= self.stage_ahead < WARP_SIZE:
+            raise ValueError(f"KernelSpec.stage_ahead = {self.stage_ahead}: expected 1 .. {WARP_SIZE - 1}")
         if self.unroll < 1 or self.unroll & (self.unroll - 1):
             raise ValueError(f"KernelSpec.unroll = {self.unroll}: the edge loop unroll must be a power of two "
                              "(the CUDA compiler drops the trip-count checks of a partial unroll by 3)")
@@ -98,6 +106,7 @@ class KernelSpec:
                 + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else "")
                 + ("_cx" if self.coalesced_dx else "") + ("_v4" if self.vector_dx else "")
                 + ("" if self.need_gg else "_nogg") + (f"_st{self.stage}" if self.stage else "")
+                + (f"_a{self.stage_ahead}" if self.stage and self.stage_ahead > 1 else "")
                 + (f"_u{self.unroll}" if self.unroll > 1 else ""))
 
 
@@ -136,11 +145,19 @@ PREFETCH_EDGES[(KIND_DOUBLE, "float64")] = 0
 
 
 #: (kind, dtype) -> read the per-edge weight rows (and write dW) as streaming data (L2 evict-first): each row
-#: is used once, and the large layer's float64 weights (2.8 GB per call) could push the gathered x rows (19 MB,
-#: each read by ~78 edges) out of the 50 MB L2 between their uses. Measured off (kernel alone, H100,
-#: scripts/prefetch_sweep.py --stream, stream_sweep_h100.txt): on -> forward and fused double slower (large
-#: float64 forward 1.206 -> 1.389 ms, medium float64 double 2.96 -> 3.69), backward within 3% (machine spread).
-STREAM_WEIGHTS: Dict[Tuple[int, str], bool] = {}
+#: is used once, while the gathered x rows and the sender-gradient rows the atomics add into (each touched by
+#: ~78 edges spread over the whole launch) must stay in L2 between their uses. Nsight Compute on the large
+#: float32 layer (ncu_stream_h100.txt): off, the backward reads 1.88 GB from DRAM where its weights are 1.39
+#: GB (the reused rows are evicted and re-read); on, 1.69 GB (double without d/dgout: 3.57 -> 3.25 GB).
+#: Kernel alone on the H100 (scripts/prefetch_sweep.py --stream, stream_sweep_v16c_h100.txt), off -> on:
+#: float32 backward large 1.567 -> 1.489 ms, medium 0.762 -> 0.760, layer 0 0.296 -> 0.299; float32 double
+#: without d/dgout large 2.223 -> 2.060, medium 1.132 -> 1.104, layer 0 0.437 -> 0.455; with d/dgout large
+#: 3.673 -> 3.688, medium 1.555 -> 1.537. Float64 and the forwards gain nothing or lose (large float64
+#: double 9.17 -> 9.41, medium float32 forward 0.348 -> 0.356 in stream_sweep_v16_h100.txt; v8's
+#: stream_sweep_h100.txt: large float64 forward 1.206 -> 1.389). Streaming the edge attributes, edge indices
+#: and the dy atomics too was slower (large float32 double without d/dgout 2.06 -> 2.14,
+#: stream_sweep_v16_edge_data_h100.txt).
+STREAM_WEIGHTS: Dict[Tuple[int, str], bool] = {(KIND_BACKWARD, "float32"): True, (KIND_DOUBLE, "float32"): True}
 
 
 #: Runs-variant kernels (atomic backward, fused double) add their dy into one zeroed [E, D2] buffer with
@@ -209,24 +226,51 @@ def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple], st
             code(f"const scalar_t {prefix}{b}_{m} = (u < {mul}) ? {src} : C(0);")
 
 
+#: Values of ``KernelSpec.stage`` (see there and STAGED_ROWS).
+STAGE_CHOICES = ("", "w", "x", "wx", "b", "bx")
+#: Bytes of one mbarrier (the bulk-staged rows keep one per buffer, after the warp's buffers).
+MBARRIER_BYTES = 8
+#: Size and alignment granule of a bulk copy (cp.async.bulk): both addresses and the size are multiples.
+BULK_ALIGN_BYTES = 16
+
+
+def bulk_rows_aligned(plan: TPPlan, dtype: str) -> bool:
+    """Whether every (path, channel chunk) slice of a weight row starts 16-byte aligned and spans a multiple of
+    16 bytes (given a 16-byte aligned weight tensor), as the bulk-staged rows ("b") need."""
+    sz = SCALAR_BYTES[dtype]
+    return (plan.weight_numel * sz % BULK_ALIGN_BYTES == 0
+            and all(p.weight_offset * sz % BULK_ALIGN_BYTES == 0 and p.mul * sz % BULK_ALIGN_BYTES == 0
+                    for p in plan.paths))
+
+
 class _Stage:
-    """The per-lane values of one edge that a kernel copies into shared memory one edge ahead (cp.async), and
-    where they sit: slot n of the warp's current buffer holds lane u's value at ``stg[n * WARP_SIZE + lane]``.
-    Each lane copies and later reads only its own slots, so the copies need no barrier, only a wait.
+    """The per-lane values of one edge that a kernel copies into shared memory one edge ahead, and where they
+    sit: slot n of the warp's current buffer holds lane u's value at ``stg[n * WARP_SIZE + lane]``.
 
     Rows (``spec.stage``): "w" the weight rows (and ggw's in the fused double backward), "x" the sender
-    rows (and ggx's). Keys: ("w", path) / ("v", path) for W / W2, (prefix, block, m) for X ("x") / X2 ("xa").
+    rows (and ggx's), both with cp.async: each lane copies and later reads only its own slots, so the copies
+    need no barrier, only a wait. "b": the weight rows with one bulk copy per slot (the chunk's 32 values of
+    one path are consecutive in the row), issued by one lane each and counted in by the buffer's mbarrier.
+    Keys: ("w", path) / ("v", path) for W / W2, (prefix, block, m) for X ("x") / X2 ("xa").
     """
 
     def __init__(self, spec: KernelSpec, paths, in1):
+        self.dtype = spec.dtype
+        self.ahead = spec.stage_ahead
+        self.buffers = spec.stage_ahead + 1
         self.slots: Dict[tuple, int] = {}
-        self.copies: List[str] = []  # issue statements, in terms of E (edge), S (sender row), dst
+        self.copies: List[str] = []  # cp.async issue statements, in terms of E (edge), S (sender row), dst
+        self.bulk: List[Tuple[int, int, str]] = []  # (slot, mul, source) of the bulk copies
         rows = spec.stage
-        if "w" in rows:
+        if "w" in rows or "b" in rows:
             srcs = [("w", "W")] + ([("v", "W2")] if spec.kind == KIND_DOUBLE else [])
             for key, arr in srcs:
                 for p in paths:
-                    self._add((key, p.index), p.mul, f"{arr} + E * w_stride + {p.weight_offset} + u")
+                    if "b" in rows:
+                        n = self.slots[(key, p.index)] = len(self.slots)
+                        self.bulk.append((n, p.mul, f"{arr} + E * w_stride + {p.weight_offset} + chunk * WARP_SIZE"))
+                    else:
+                        self._add((key, p.index), p.mul, f"{arr} + E * w_stride + {p.weight_offset} + u")
         if "x" in rows:
             srcs = [("x", "X")] + ([("xa", "X2")] if spec.kind == KIND_DOUBLE else [])
             for prefix, arr in srcs:
@@ -250,13 +294,67 @@ class _Stage:
             return self.read(which, p.index)
         return f"LOAD_W({'w_row' if which == 'w' else 'w2_row'} + {p.weight_offset} + u)"
 
-    def issue(self, e: str, s: str, buffer: str) -> str:
-        """Statements that copy edge ``e``'s values (sender row ``s``) into ``buffer`` (0 or 1)."""
-        if not self.copies:
+    def words(self) -> int:
+        """Elements per warp: the buffers of the slots, then (bulk) one mbarrier per buffer."""
+        if not self.slots:
+            return 0
+        # the mbarriers' bytes rounded up to BULK_ALIGN_BYTES, so that every warp's buffers stay 16-byte aligned
+        bars = -(-self.buffers * MBARRIER_BYTES // BULK_ALIGN_BYTES) * BULK_ALIGN_BYTES // SCALAR_BYTES[self.dtype] \
+            if self.bulk else 0
+        return self.buffers * WARP_SIZE * len(self.slots) + bars
+
+    def init(self) -> str:
+        if not self.bulk:
             return ""
-        head = (f"{{ scalar_t* __restrict__ dst = row_stage + ({buffer}) * {len(self.slots)} * WARP_SIZE + lane; "
-                f"const index_t E = {e}; const index_t S = {s}; (void)E; (void)S;")
-        return "\n".join([head] + ["  " + c for c in self.copies] + ["}"])
+        return ("    unsigned long long* const stage_bars = reinterpret_cast<unsigned long long*>(\n"
+                f"        row_stage + {self.buffers} * {len(self.slots)} * WARP_SIZE);  // one mbarrier per buffer\n"
+                "    unsigned stage_phase = 0;  // parity of each buffer's next phase\n"
+                f"    bulk_init<{self.buffers}>(stage_bars);")
+
+    def issue(self, e: str, s: str, buffer: str) -> str:
+        """Statements that copy edge ``e``'s values (sender row ``s``) into ``buffer``."""
+        if not self.slots:
+            return ""
+        lines = [f"{{ const index_t E = {e}; const index_t S = {s}; (void)E; (void)S;"]
+        if self.copies:
+            lines.append(f"  scalar_t* __restrict__ dst = row_stage + ({buffer}) * {len(self.slots)} * WARP_SIZE + lane;")
+            lines += ["  " + c for c in self.copies]
+        if self.bulk:
+            lines.append(f"  scalar_t* __restrict__ bdst = row_stage + ({buffer}) * {len(self.slots)} * WARP_SIZE;")
+            lines.append(f"  unsigned long long* const bar = stage_bars + ({buffer});")
+            muls = sorted({m for _n, m, _s in self.bulk})
+            for m in muls:  # bytes of this chunk's slice of a path with m channels (0: the chunk is past it)
+                lines.append(f"  const int n{m} = {m} - chunk * WARP_SIZE;")
+                lines.append(f"  const unsigned bytes{m} = n{m} <= 0 ? 0u : "
+                             f"(unsigned)((n{m} < WARP_SIZE ? n{m} : WARP_SIZE) * sizeof(scalar_t));")
+            total = " + ".join(f"{sum(1 for _n, mm, _s in self.bulk if mm == m)}u * bytes{m}" for m in muls)
+            lines.append(f"  bulk_expect(bar, {total});")
+            for n, m, src in self.bulk:
+                lines.append(f"  if (lane == {n % WARP_SIZE} && bytes{m}) "
+                             f"bulk_copy(bdst + {n} * WARP_SIZE, {src}, bytes{m}, bar);")
+        return "\n".join(lines + ["}"])
+
+    def first(self) -> str:
+        """The batch's first ``ahead`` edges into buffers 0 .. ahead - 1 (one cp.async group each, empty past
+        the batch's end, so that the loop's group count stays fixed)."""
+        if not self.slots:
+            return ""
+        out = []
+        for k in range(self.ahead):
+            e, s = f"__shfl_sync(0xffffffffu, my_e, {k})", f"__shfl_sync(0xffffffffu, my_other, {k})"
+            out.append(f"if ({k} < batch) " + self.issue(e, s, str(k)))
+            if self.copies:
+                out.append("stage_commit();")
+        return "\n".join(out)
+
+    def wait(self) -> str:
+        """Statements (in the edge loop, after the next edge's copies) that wait for edge q's buffer."""
+        lines = []
+        if self.copies:
+            lines += ["                stage_commit();", f"                stage_wait_prev<{self.ahead}>();"]
+        if self.bulk:
+            lines.append("                bulk_wait(stage_bars + q % STAGE_BUFFERS, q % STAGE_BUFFERS, stage_phase);")
+        return "\n".join(lines)
 
 
 def _y_loads(code: _Code, in2: Dict[int, tuple]):
@@ -670,8 +768,11 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         "EDGE_BODY": body.text(),
         "EDGE_UNROLL": str(_edge_unroll(paths, spec)),
         "STAGE_SLOTS": str(len(st.slots)),
-        "STAGE_FIRST": st.issue("__shfl_sync(0xffffffffu, my_e, 0)", "__shfl_sync(0xffffffffu, my_other, 0)", "0"),
-        "STAGE_NEXT": st.issue("e_next", "s_next", "(q + 1) & 1"),
+        "STAGE_INIT": st.init(),
+        "STAGE_AHEAD": str(spec.stage_ahead),
+        "STAGE_FIRST": st.first(),
+        "STAGE_NEXT": st.issue("e_next", "s_next", "(q + STAGE_AHEAD) % STAGE_BUFFERS"),
+        "STAGE_WAIT": st.wait(),
     })
 
 
@@ -686,7 +787,18 @@ SMEM_STATIC_MAX_BYTES = 48 * 1024
 #: medium 2.461 -> 2.488, large 5.588 -> 5.541. Every float32 kernel and the float64 forwards were slower
 #: (staging took registers: large float32 backward 168 -> 191-203, one block less per SM; at the same
 #: occupancy, with __launch_bounds__ asking for 3 blocks, it was 1.562 -> 1.551-1.576).
+#: "b" (weight rows by sm_90 bulk copies, one 128-byte copy per path and warp, counted in by an mbarrier;
+#: no L2 prefetch needed, so each weight sector crosses L2 once instead of twice) was slower in every kernel
+#: (stage_sweep_bulk_h100.txt, no stage + prefetch -> "b" two edges ahead: large float32 forward 0.742 ->
+#: 1.275 ms, backward 1.559 -> 2.125, double without d/dgout 2.211 -> 3.26 (one ahead); float64 backward
+#: medium 1.680 -> 1.645, large 3.354 -> 3.589): the prediction that the prefetch's second L2 pass was what
+#: bounds these kernels was wrong (cp.async "w" two ahead without the prefetch, large float32 backward:
+#: 1.572 ms, same as now).
 STAGED_ROWS: Dict[Tuple[int, str], str] = {(KIND_BACKWARD, "float64"): "wx", (KIND_DOUBLE, "float64"): "w"}
+#: (kind, dtype) -> edges ahead of the contracted one that a staged kernel keeps in flight (default 1). Two
+#: ahead (stage_sweep_bulk_h100.txt): float64 double without d/dgout "w" large 5.27-5.31 ms, medium 2.44-2.46,
+#: against 5.36 / 2.47 unstaged in the same run: within 2%, so one.
+STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
 
 
 def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
@@ -699,7 +811,7 @@ def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
         if spec.kind == KIND_DOUBLE or spec.dx_mode == DX_ATOMIC:
             dx = max(dx, _dx_stage_words(in1, spec.coalesced_dx))
         if spec.stage:
-            row = max(row, 2 * WARP_SIZE * len(_Stage(spec, paths, in1).slots))
+            row = max(row, _Stage(spec, paths, in1).words())
     return dx, row
 
 
@@ -709,10 +821,10 @@ def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
 
 
 def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
-    """``spec`` with fewer staged rows ("wx" -> "w" -> "") where its buffers would not fit a block's static
+    """``spec`` with fewer staged rows ("wx" -> "w" -> "", "bx" -> "b" -> "") where its buffers would not fit a block's static
     shared memory (large float64 layers)."""
     while spec.stage and smem_bytes(spec, stage_words(plan, spec)) > SMEM_STATIC_MAX_BYTES:
-        spec = replace(spec, stage="w" if spec.stage == "wx" else "")
+        spec = replace(spec, stage=spec.stage[:-1] if len(spec.stage) == 2 else "")
     return spec
 
 
@@ -726,8 +838,11 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     blocks_of = [{plan.paths[i].out_block for i in part} for part in parts]
     if any(a & b for n, a in enumerate(blocks_of) for b in blocks_of[n + 1:]):
         raise ValueError(f"kernel parts {parts} share an output block")
-    # per warp: a shared-memory stage for the coalesced dx atomics and two buffers of staged rows, each sized
+    # per warp: a shared-memory stage for the coalesced dx atomics and the buffers of staged rows, each sized
     # for the largest part (a warp runs one part)
+    if "b" in spec.stage and not bulk_rows_aligned(plan, spec.dtype):
+        raise ValueError(f"kernel {prefix}: bulk-staged weight rows need every path's slice of a row to be "
+                         f"{BULK_ALIGN_BYTES}-byte aligned (path offsets, multiplicities and the row length)")
     if spec.vector_dx and not vector_rows_aligned(plan):
         raise ValueError(f"kernel {prefix}: vector dx atomics need a row length that is a multiple of "
                          f"{VECTOR_WIDTH}, not {plan.in1_dim}")
