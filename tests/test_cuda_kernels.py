@@ -410,3 +410,39 @@ def test_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
     x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=11)
     _check(conv, tp64, x, y, w, s, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_segmented_atomic_kernels_match_runs(dtype):
+    """The atomic backward and the fused double backward without d/dgout, walked one receiver segment per
+    work item (scripts/segment_sweep.py; off in the backend), give the runs variant's dx, dy and dw."""
+    from dataclasses import replace
+
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    node, sh, mid, ins = mace_conv_args("medium1", mul=32)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins)
+    plan, dt = conv.plan, str(dtype)[6:]
+    x, y, w, s, r = _inputs(conv, 60, 900, dtype, seed=19)
+    n, e = x.shape[0], y.shape[0]
+    g, ggx = torch.randn(n, plan.out_dim, dtype=dtype, device=DEV), torch.randn_like(x)
+    ggy, ggw = torch.randn_like(y), torch.randn_like(w)
+    perm, seg = B.graph_csr(r, n, stable=False)
+    for kind, need_gg in ((codegen.KIND_BACKWARD, True), (codegen.KIND_DOUBLE, False)):
+        runs = B._spec(plan, kind, dt, False, codegen.DX_ATOMIC, True, True, need_gg=need_gg)
+        outs = []
+        for spec in (runs, replace(runs, segmented=True)):
+            dx = torch.zeros_like(x)
+            dy = torch.zeros((1, e, plan.in2_dim), dtype=dtype, device=DEV)
+            dw = torch.full((e, plan.weight_numel), float("nan"), dtype=dtype, device=DEV)  # poisoned
+            extra = dict(X2=ggx, Y2=ggy, W2=ggw) if kind == codegen.KIND_DOUBLE else {}
+            items = n if spec.segmented else -(-e // spec.edges_per_warp)
+            B._launch(plan, spec, x.device, items, e, plan.weight_numel, X=x, Y=y, W=w, G=g, sender=s, receiver=r,
+                      perm=perm, seg_ptr=seg if spec.segmented else None, OUT=dx, DY=dy, DW=dw, **extra)
+            outs.append((dx, dy, dw))
+        for name, a, b in zip(("dx", "dy", "dw"), *outs):
+            assert torch.isfinite(b).all() and rel(b.double(), a.double()) < TOL[dtype][1], f"{kind} {name}"
+    with pytest.raises(ValueError, match="d/dgout"):
+        codegen.render(plan, replace(B._spec(plan, codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True),
+                                     segmented=True))

@@ -729,8 +729,9 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         _grad_x_body(paths, body, in1, in2, out)
         acc_blocks, row_dim = in1, "D1"
     elif spec.kind == KIND_DOUBLE:
-        if spec.segmented:
-            raise ValueError("the fused double backward runs over receiver-sorted runs (segmented=False)")
+        if spec.segmented and spec.need_gg:  # the gg accumulators are flushed with atomics at run ends
+            raise ValueError("the fused double backward with d/dgout runs over receiver-sorted runs "
+                             "(segmented=False)")
         _double_body(paths, body, in1, in2, all_in2, st, spec.coalesced_dx, spec.need_gg, spec.vector_dx)
         acc_blocks, row_dim = out, "DO"
     else:
