@@ -61,6 +61,7 @@ def _option_specs(dtype):
             KernelSpec(KIND_FORWARD, dtype, True, stage="wx"),  # rows copied one edge ahead (cp.async)
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="w"),
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="wx"),
+            KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, stage="x", stage_ahead=2),
             KernelSpec(KIND_FORWARD, dtype, True, stage="bx", unroll=2),  # bulk-copied weight rows (sm_90)
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="b"),
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="bx"),

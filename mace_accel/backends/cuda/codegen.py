@@ -153,8 +153,8 @@ PREFETCH_EDGES[(KIND_DOUBLE, "float64")] = 0
 #: float32 backward large 1.567 -> 1.489 ms, medium 0.762 -> 0.760, layer 0 0.296 -> 0.299; float32 double
 #: without d/dgout large 2.223 -> 2.060, medium 1.132 -> 1.104, layer 0 0.437 -> 0.455; with d/dgout large
 #: 3.673 -> 3.688, medium 1.555 -> 1.537. Float64 and the forwards gain nothing or lose (large float64
-#: double 9.17 -> 9.41, medium float32 forward 0.348 -> 0.356 in stream_sweep_v16_h100.txt; v8's
-#: stream_sweep_h100.txt: large float64 forward 1.206 -> 1.389). Streaming the edge attributes, edge indices
+#: double 9.17 -> 9.41 in the same file; medium float32 forward 0.346 -> 0.356 in stream_sweep_v16_h100.txt;
+#: v8's stream_sweep_h100.txt: large float64 forward 1.206 -> 1.389). Streaming the edge attributes, edge indices
 #: and the dy atomics too was slower (large float32 double without d/dgout 2.06 -> 2.14,
 #: stream_sweep_v16_edge_data_h100.txt).
 STREAM_WEIGHTS: Dict[Tuple[int, str], bool] = {(KIND_BACKWARD, "float32"): True, (KIND_DOUBLE, "float32"): True}
