@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck --kernel-name kns=mace_accel python scripts/sanitize_conv.py
     (also --tool racecheck / synccheck; initcheck with this filter reports the torch-zeroed buffers our kernels
     read as uninitialised, because the filter leaves torch's fill kernels uninstrumented)
-    python scripts/sanitize_conv.py --unroll 3 [--cu-graph] [--no-prefetch]
+    python scripts/sanitize_conv.py --unroll 3 [--cu-graph] [--no-prefetch] [--bulk]
 
 Runs forward, first-order backward (create_graph) and the double backward (gout with and without grad) of
 ``TensorProductConv`` (atomic and deterministic variants) and the plain ``TensorProduct`` for the MACE-MP-0
@@ -54,7 +54,14 @@ def main():
     ap.add_argument("--unroll", type=int, default=0)
     ap.add_argument("--cu-graph", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true", help="codegen.PREFETCH_EDGES off")
+    ap.add_argument("--bulk", action="store_true",
+                    help='codegen.STAGED_ROWS "bx" two edges ahead for every kind (bulk copies + mbarriers)')
     a = ap.parse_args()
+    if a.bulk:
+        for kind in (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE):
+            for dt in ("float32", "float64"):
+                codegen.STAGED_ROWS[(kind, dt)] = "bx"
+                codegen.STAGE_AHEAD[(kind, dt)] = 2
     if a.unroll:
         codegen.SMALL_FORWARD_UNROLL = {"float32": a.unroll, "float64": a.unroll}
     if a.no_prefetch:
