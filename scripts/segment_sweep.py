@@ -18,27 +18,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 import part_sweep as P  # noqa: E402
 import torch  # noqa: E402
 
-from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.backends.cuda import codegen  # noqa: E402
+from tp_cases import launch_edge_kernel  # noqa: E402
 
 
-def launcher(plan, spec, inputs, s, r, n):
-    """A closure that zeroes the outputs and launches ``spec`` once; returns its outputs."""
+def launcher(plan, spec, inputs, s, r):
+    """A closure that launches ``spec`` once on fresh outputs (tests/tp_cases.launch_edge_kernel)."""
     x, y, w, g, ggx, ggy, ggw = inputs
-    e = y.shape[0]
-    perm, seg = B.graph_csr(r, n, stable=False)
-    items = n if spec.segmented else -(-e // spec.edges_per_warp)
-    dev = x.device
-
-    def run():
-        dx = torch.zeros_like(x)
-        dy = torch.zeros((1, e, plan.in2_dim), dtype=x.dtype, device=dev)
-        dw = torch.empty(e, plan.weight_numel, dtype=x.dtype, device=dev)
-        extra = dict(X2=ggx, Y2=ggy, W2=ggw) if spec.kind == codegen.KIND_DOUBLE else {}
-        B._launch(plan, spec, dev, items, e, plan.weight_numel, X=x, Y=y, W=w, G=g, sender=s, receiver=r,
-                  perm=perm, seg_ptr=seg if spec.segmented else None, OUT=dx, DY=dy, DW=dw, **extra)
-        return dx, dy, dw
-    return run
+    extra = dict(ggx=ggx, ggy=ggy, ggw=ggw) if spec.kind == codegen.KIND_DOUBLE else {}
+    return lambda: launch_edge_kernel(plan, spec, x, y, w, g, s, r, **extra)
 
 
 def main():
@@ -66,7 +54,7 @@ def main():
                 base = P.call_spec(plan, k, dt)
                 ref = None
                 for spec in (base, replace(base, segmented=True)):
-                    run = launcher(plan, spec, inputs, s, r, n)
+                    run = launcher(plan, spec, inputs, s, r)
                     res = run()
                     diff = 0.0 if ref is None else P.maxrel(res, ref)
                     ref = res if ref is None else ref

@@ -9,8 +9,8 @@ alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups) with
 "w" (weight rows) and "wx" (weight and sender rows; as much as fits the block's shared memory), and the
 staged settings again with ``__launch_bounds__`` asking for ``--min-blocks`` resident blocks (the staged
 kernels may need more registers than the plain ones). Each result is compared with the first setting's.
-``--settings`` replaces that list: each STAGE:MIN_BLOCKS:PREFETCH[:AHEAD] ("none" for no stage; e.g. "b:0:0" bulk-staged
-weight rows without the L2 prefetch, which would read every weight sector from L2 twice).
+``--settings`` replaces that list: each STAGE:MIN_BLOCKS:PREFETCH[:AHEAD] ("none" for no stage; e.g.
+"b:0:0" bulk-staged weight rows without the L2 prefetch, which would read every weight sector from L2 twice).
 """
 import argparse
 import os
@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     ap.add_argument("--kinds", nargs="*", default=["fwd", "bwd", "double_nogg"])
     ap.add_argument("--min-blocks", type=int, default=3)
-    ap.add_argument("--settings", nargs="*", default=None, help="STAGE:MIN_BLOCKS:PREFETCH each")
+    ap.add_argument("--settings", nargs="*", default=None, help="STAGE:MIN_BLOCKS:PREFETCH[:AHEAD] each")
     a = ap.parse_args()
     dev = torch.device("cuda")
     graph = P.C.cu_graph_on(dev)

@@ -4,7 +4,7 @@ import torch
 from e3nn import o3
 
 import mace_accel
-from tp_cases import e3nn_conv, e3nn_tp, mace_conv_args, random_graph, rel
+from tp_cases import e3nn_conv, e3nn_tp, launch_edge_kernel, mace_conv_args, random_graph, rel
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
@@ -425,22 +425,13 @@ def test_segmented_atomic_kernels_match_runs(dtype):
     conv = mace_accel.TensorProductConv(node, sh, mid, ins)
     plan, dt = conv.plan, str(dtype)[6:]
     x, y, w, s, r = _inputs(conv, 60, 900, dtype, seed=19)
-    n, e = x.shape[0], y.shape[0]
-    g, ggx = torch.randn(n, plan.out_dim, dtype=dtype, device=DEV), torch.randn_like(x)
+    g, ggx = torch.randn(x.shape[0], plan.out_dim, dtype=dtype, device=DEV), torch.randn_like(x)
     ggy, ggw = torch.randn_like(y), torch.randn_like(w)
-    perm, seg = B.graph_csr(r, n, stable=False)
     for kind, need_gg in ((codegen.KIND_BACKWARD, True), (codegen.KIND_DOUBLE, False)):
         runs = B._spec(plan, kind, dt, False, codegen.DX_ATOMIC, True, True, need_gg=need_gg)
-        outs = []
-        for spec in (runs, replace(runs, segmented=True)):
-            dx = torch.zeros_like(x)
-            dy = torch.zeros((1, e, plan.in2_dim), dtype=dtype, device=DEV)
-            dw = torch.full((e, plan.weight_numel), float("nan"), dtype=dtype, device=DEV)  # poisoned
-            extra = dict(X2=ggx, Y2=ggy, W2=ggw) if kind == codegen.KIND_DOUBLE else {}
-            items = n if spec.segmented else -(-e // spec.edges_per_warp)
-            B._launch(plan, spec, x.device, items, e, plan.weight_numel, X=x, Y=y, W=w, G=g, sender=s, receiver=r,
-                      perm=perm, seg_ptr=seg if spec.segmented else None, OUT=dx, DY=dy, DW=dw, **extra)
-            outs.append((dx, dy, dw))
+        extra = dict(ggx=ggx, ggy=ggy, ggw=ggw) if kind == codegen.KIND_DOUBLE else {}
+        outs = [launch_edge_kernel(plan, spec, x, y, w, g, s, r, dw_fill=float("nan"), **extra)  # dW poisoned
+                for spec in (runs, replace(runs, segmented=True))]
         for name, a, b in zip(("dx", "dy", "dw"), *outs):
             assert torch.isfinite(b).all() and rel(b.double(), a.double()) < TOL[dtype][1], f"{kind} {name}"
     with pytest.raises(ValueError, match="d/dgout"):

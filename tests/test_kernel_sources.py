@@ -248,7 +248,7 @@ def test_forward_unroll_must_be_a_power_of_two(unroll, monkeypatch):
         B._spec(plan, KIND_FORWARD, "float32", True)
 
 
-def test_bulk_staged_rows_rules(tmp_path):
+def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
     """Bulk-copied weight rows (stage "b"): the copies need 16-byte slices, so render refuses a plan whose
     path slices are not (and the backend does not pick "b" for it); fit_stage drops rows in order; an unknown
     stage is refused; and the fallback for GPUs before sm_90 (lanes copy synchronously) compiles."""
@@ -266,15 +266,9 @@ def test_bulk_staged_rows_rules(tmp_path):
     assert not codegen.bulk_rows_aligned(odd, "float32") and codegen.bulk_rows_aligned(odd, "float64")
     with pytest.raises(ValueError, match="bulk"):
         render(odd, KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, stage="b"))
-    tables = dict(codegen.STAGED_ROWS)
-    try:
-        codegen.STAGED_ROWS[(KIND_BACKWARD, "float32")] = "bx"
-        B._SPECS.clear()
-        assert B._spec(odd, KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True).stage == "x"
-    finally:
-        codegen.STAGED_ROWS.clear()
-        codegen.STAGED_ROWS.update(tables)
-        B._SPECS.clear()
+    monkeypatch.setattr(codegen, "STAGED_ROWS", {(KIND_BACKWARD, "float32"): "bx"})
+    monkeypatch.setattr(B, "_SPECS", {})
+    assert B._spec(odd, KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True).stage == "x"
     node, sh, mid, ins = mace_conv_args("large1", mul=128)
     plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
     big = KernelSpec(KIND_DOUBLE, "float64", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="bx")

@@ -56,3 +56,24 @@ def random_graph(num_nodes, num_edges, generator=None, device="cpu", sort_receiv
 
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def launch_edge_kernel(plan, spec, x, y, w, g, sender, receiver, ggx=None, ggy=None, ggw=None, dw_fill=None):
+    """One launch of an atomic backward or fused double-backward kernel ``spec`` (GPU), walking 32-edge runs
+    or, with ``spec.segmented``, one receiver segment per work item; the outputs are allocated here (dy added
+    with atomics into one zeroed row per edge; dW filled with ``dw_fill`` first, e.g. NaN to poison it).
+    Returns (dx, dy [1, E, D2], dW). For specs the backend does not pick itself (tests, sweeps)."""
+    from mace_accel.backends import cuda as B
+
+    n, e = x.shape[0], y.shape[0]
+    perm, seg = B.graph_csr(receiver, n, stable=False)
+    dx = torch.zeros_like(x)
+    dy = torch.zeros((1, e, plan.in2_dim), dtype=x.dtype, device=x.device)
+    dw = torch.empty(e, plan.weight_numel, dtype=x.dtype, device=x.device)
+    if dw_fill is not None:
+        dw.fill_(dw_fill)
+    items = n if spec.segmented else -(-e // spec.edges_per_warp)
+    B._launch(plan, spec, x.device, items, e, plan.weight_numel, X=x, Y=y, W=w, G=g, sender=sender,
+              receiver=receiver, perm=perm, seg_ptr=seg if spec.segmented else None, OUT=dx, DY=dy, DW=dw,
+              X2=ggx, Y2=ggy, W2=ggw)
+    return dx, dy, dw

@@ -262,11 +262,12 @@ class _Stage:
         self.copies: List[str] = []  # cp.async issue statements, in terms of E (edge), S (sender row), dst
         self.bulk: List[Tuple[int, int, str]] = []  # (slot, mul, source) of the bulk copies
         rows = spec.stage
-        if "w" in rows or "b" in rows:
+        bulk = "b" in rows
+        if "w" in rows or bulk:
             srcs = [("w", "W")] + ([("v", "W2")] if spec.kind == KIND_DOUBLE else [])
             for key, arr in srcs:
                 for p in paths:
-                    if "b" in rows:
+                    if bulk:
                         n = self.slots[(key, p.index)] = len(self.slots)
                         self.bulk.append((n, p.mul, f"{arr} + E * w_stride + {p.weight_offset} + chunk * WARP_SIZE"))
                     else:
@@ -298,9 +299,10 @@ class _Stage:
         """Elements per warp: the buffers of the slots, then (bulk) one mbarrier per buffer."""
         if not self.slots:
             return 0
-        # the mbarriers' bytes rounded up to BULK_ALIGN_BYTES, so that every warp's buffers stay 16-byte aligned
-        bars = -(-self.buffers * MBARRIER_BYTES // BULK_ALIGN_BYTES) * BULK_ALIGN_BYTES // SCALAR_BYTES[self.dtype] \
-            if self.bulk else 0
+        bars = 0
+        if self.bulk:  # the mbarriers' bytes, rounded up so that every warp's buffers stay 16-byte aligned
+            bar_bytes = -(-self.buffers * MBARRIER_BYTES // BULK_ALIGN_BYTES) * BULK_ALIGN_BYTES
+            bars = bar_bytes // SCALAR_BYTES[self.dtype]
         return self.buffers * WARP_SIZE * len(self.slots) + bars
 
     def init(self) -> str:
@@ -803,7 +805,7 @@ STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
 
 
 def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
-    """Elements per warp of (the dx-atomics stage, the two staged-row buffers), each for the largest part."""
+    """Elements per warp of (the dx-atomics stage, the staged-row buffers), each for the largest part."""
     parts = spec.parts or (tuple(range(len(plan.paths))),)
     dx = row = 0
     for part in parts:
@@ -822,8 +824,8 @@ def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
 
 
 def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
-    """``spec`` with fewer staged rows ("wx" -> "w" -> "", "bx" -> "b" -> "") where its buffers would not fit a block's static
-    shared memory (large float64 layers)."""
+    """``spec`` with fewer staged rows ("wx" -> "w" -> "", "bx" -> "b" -> "") where its buffers would not fit
+    a block's static shared memory (large float64 layers)."""
     while spec.stage and smem_bytes(spec, stage_words(plan, spec)) > SMEM_STATIC_MAX_BYTES:
         spec = replace(spec, stage=spec.stage[:-1] if len(spec.stage) == 2 else "")
     return spec
