@@ -355,6 +355,36 @@ def test_streamed_weights_cuda_vs_e3nn(stream, dtype, deterministic, monkeypatch
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("switch", [False, True])
+def test_layout_switches_cuda_vs_e3nn(switch, dtype, deterministic, monkeypatch):
+    """Every kernel kind with its sender rows loaded as ``*(x_row + i)`` (codegen.POINTER_X_LOADS) and its
+    receiver rows streamed (codegen.STREAM_RECEIVER_ROWS: forward output stores, output-gradient loads), or
+    with neither, matches e3nn to every derivative order (large layer 1: float64 splits into output parts)."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_GRAD_X, codegen.KIND_DOUBLE)
+    dts = ("float32", "float64")
+    monkeypatch.setattr(codegen, "POINTER_X_LOADS", {(k, dt, gg): switch for k in kinds for dt in dts
+                                                     for gg in (False, True)})
+    monkeypatch.setattr(codegen, "STREAM_RECEIVER_ROWS", {(k, dt): switch for k in kinds for dt in dts})
+    monkeypatch.setattr(B, "_SPECS", {})
+    node, sh, mid, ins = mace_conv_args("large1", mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    spec = B._spec(conv.plan, codegen.KIND_BACKWARD, str(dtype)[6:], deterministic,
+                   codegen.DX_NONE if deterministic else codegen.DX_ATOMIC, True, True)
+    assert spec.pointer_x_loads == spec.stream_rows == switch
+    src = codegen.render(conv.plan, spec)["source"]
+    assert ("__ldcs(g_row" in src) == switch
+    if "x" not in spec.stage:  # float64: the sender rows come from the shared-memory stage (STAGED_ROWS)
+        assert ("*(x_row + " in src) == switch
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=19)
+    _check(conv, tp64, x, y, w, s, r, dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layer", ["layer0", "large1"])
 def test_bulk_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
     """Every kernel kind with its weight rows bulk-copied one edge ahead into shared memory (stage "bx": the

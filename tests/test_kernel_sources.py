@@ -42,7 +42,8 @@ def _option_specs(dtype):
     """The kinds that may prefetch weight rows into L2 (codegen.PREFETCH_EDGES) or stream them
     (codegen.STREAM_WEIGHTS), add dy with atomics (codegen.ATOMIC_DY) or stage the dx atomics
     (codegen.COALESCED_DX_ATOMICS, 4-wide: codegen.VECTOR_DX_ATOMICS) or copy rows one edge ahead into shared
-    memory (codegen.STAGED_ROWS), with those on."""
+    memory (codegen.STAGED_ROWS) or spell the sender-row loads as pointers (codegen.POINTER_X_LOADS) or stream
+    the receiver rows (codegen.STREAM_RECEIVER_ROWS), with those on."""
     return [KernelSpec(KIND_FORWARD, dtype, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, prefetch=2),
             KernelSpec(KIND_BACKWARD, dtype, True, DX_NONE, True, True, prefetch=2),
@@ -66,7 +67,12 @@ def _option_specs(dtype):
             KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="b"),
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, stage="bx"),
             KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, need_gg=False,
-                       stage="b", prefetch=1)]
+                       stage="b", prefetch=1),
+            KernelSpec(KIND_FORWARD, dtype, True, pointer_x_loads=True, stream_rows=True),  # layout switches
+            KernelSpec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True, pointer_x_loads=True, stream_rows=True),
+            KernelSpec(KIND_BACKWARD, dtype, True, DX_NONE, True, True, pointer_x_loads=True, stream_rows=True),
+            KernelSpec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, coalesced_dx=True, pointer_x_loads=True,
+                       stream_rows=True, stage="x")]
 
 
 def _launched_specs(plan, dtype):

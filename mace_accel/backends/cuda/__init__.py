@@ -235,15 +235,18 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     stage_ahead = codegen.STAGE_AHEAD.get((kind, dt), 1) if stage else 1
     unroll = codegen.SMALL_FORWARD_UNROLL.get(dt, 1) if kind == KIND_FORWARD else 1
     need_gg = need_gg or kind != KIND_DOUBLE
+    pointer_x = codegen.POINTER_X_LOADS.get((kind, dt, need_gg), False)
+    stream_rows = codegen.STREAM_RECEIVER_ROWS.get((kind, dt), False) and kind != KIND_GRAD_X
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
            codegen.PART_MAX_LANE_WORDS.get(kind), codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.get(dt), min_blocks, prefetch,
-           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg, stage, stage_ahead, unroll)
+           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg, stage, stage_ahead, unroll, pointer_x,
+           stream_rows)
     spec = _SPECS.get(key)
     if spec is None:
         spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
                           parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks, prefetch, stream_w,
                           dy_atomic, coalesced_dx, need_gg, vector_dx=vector_dx, stage=stage, stage_ahead=stage_ahead,
-                          unroll=unroll)
+                          unroll=unroll, pointer_x_loads=pointer_x, stream_rows=stream_rows)
         spec = _SPECS[key] = codegen.fit_stage(plan, spec)
     return spec
 

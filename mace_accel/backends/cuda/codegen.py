@@ -84,6 +84,12 @@ class KernelSpec:
     #: forward: edges per loop iteration in the parts whose accumulators fit UNROLL_MAX_ACC_WORDS (a power of
     #: two), see SMALL_FORWARD_UNROLL
     unroll: int = 1
+    #: sender rows loaded as ``*(x_row + i)`` instead of ``x_row[i]``: the same loads, but ptxas allocates
+    #: registers differently (a compiler effect, measured per kernel kind), see POINTER_X_LOADS
+    pointer_x_loads: bool = False
+    #: per-receiver rows as streaming data (L2 evict-first): the output rows the forward stores, the output-
+    #: gradient rows the backward kinds load; see STREAM_RECEIVER_ROWS
+    stream_rows: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGE_CHOICES:
@@ -107,7 +113,8 @@ class KernelSpec:
                 + ("_cx" if self.coalesced_dx else "") + ("_v4" if self.vector_dx else "")
                 + ("" if self.need_gg else "_nogg") + (f"_st{self.stage}" if self.stage else "")
                 + (f"_a{self.stage_ahead}" if self.stage and self.stage_ahead > 1 else "")
-                + (f"_u{self.unroll}" if self.unroll > 1 else ""))
+                + (f"_u{self.unroll}" if self.unroll > 1 else "")
+                + ("_xp" if self.pointer_x_loads else "") + ("_sr" if self.stream_rows else ""))
 
 
 #: Per-lane output values (accumulators or gradient-row values, in 32-bit words) above which a kernel's
@@ -158,6 +165,34 @@ PREFETCH_EDGES[(KIND_DOUBLE, "float64")] = 0
 #: and the dy atomics too was slower (large float32 double without d/dgout 2.06 -> 2.14,
 #: stream_sweep_v16_edge_data_h100.txt).
 STREAM_WEIGHTS: Dict[Tuple[int, str], bool] = {(KIND_BACKWARD, "float32"): True, (KIND_DOUBLE, "float32"): True}
+
+#: (kind, dtype) -> treat the per-receiver rows as streaming data (L2 evict-first): the forward stores its
+#: output rows with ``__stcs``, the backward and the fused double backward load the output-gradient rows with
+#: ``__ldcs``. Each receiver's row (large layer 1: 71 x 128 values, 74 MB over the graph) is used by the warps
+#: of its few runs close together in time and then never again, while the sender rows (x, ggx and the dx
+#: rows the atomics add into: 19-28 MB) are reused over the whole launch. Kernel alone on the H100
+#: (scripts/layout_sweep.py, layout_sweep_stream_g_h100.txt, three repeats in layout_sweep_bwd_combos_h100.txt):
+#: large float32 backward 1.485 -> 1.445 ms, medium 0.758 -> 0.758; everything else the same or slower (layer 0
+#: float32 double 0.567 -> 0.57-0.72, float64 double without d/dgout 0.84 -> 0.90; forwards unchanged,
+#: layout_sweep_stream_rows_h100.txt). Nsight Compute (ncu_stream_g_h100.txt): the DRAM bytes do not change
+#: (1.69-1.70 GB backward, 3.26 GB double), so these rows were not what evicts the sender rows.
+STREAM_RECEIVER_ROWS: Dict[Tuple[int, str], bool] = {(KIND_BACKWARD, "float32"): True}
+
+#: (kind, dtype, need_gg) -> spell the sender-row loads as pointer arithmetic (``*(x_row + i)``), which ptxas
+#: allocates differently from ``x_row[i]`` (large float32 forward 178 -> 142 registers). Nothing else
+#: changes, so it is chosen per kernel from measurements, kernel alone on the H100, two sessions
+#: (ab_x_load_spelling_h100.txt; layout_sweep_pointer_x_h100.txt): fused double backward with d/dgout large
+#: float32 3.72 -> 3.55 ms and 3.68 -> 3.53, float64 8.98 -> 8.36 and 9.19 -> 8.30 (medium and layer 0 the
+#: same); without d/dgout large float64 5.33 -> 5.16 and 5.74 -> 5.49 (spread 5.25-5.88), float32 2.06 ->
+#: 2.08 (off); backward large float32 1.49 -> 1.47, and with STREAM_RECEIVER_ROWS 1.483 -> 1.437 against
+#: 1.445 for the streamed rows alone (layout_sweep_bwd_combos_h100.txt; medium 0.758 -> 0.755); forwards
+#: slower (large float32 0.69 -> 0.77, medium 0.35 -> 0.42).
+POINTER_X_LOADS: Dict[Tuple[int, str, bool], bool] = {
+    (KIND_BACKWARD, "float32", True): True,
+    (KIND_DOUBLE, "float32", True): True,
+    (KIND_DOUBLE, "float64", True): True,
+    (KIND_DOUBLE, "float64", False): True,
+}
 
 
 #: Runs-variant kernels (atomic backward, fused double) add their dy into one zeroed [E, D2] buffer with
@@ -221,8 +256,10 @@ def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple], st
     memory stage when ``stage`` holds that row)."""
     for b, (off, d, mul) in sorted(blocks.items()):
         for m in range(d):
-            src = stage.read(prefix, b, m) if stage is not None and stage.has(prefix, b, m) else \
-                f"{base}[{off} + u * {d} + {m}]"
+            if stage is None:
+                src = f"{base}[{off} + u * {d} + {m}]"
+            else:
+                src = stage.row_value(prefix, base, b, off, d, m)
             code(f"const scalar_t {prefix}{b}_{m} = (u < {mul}) ? {src} : C(0);")
 
 
@@ -256,6 +293,7 @@ class _Stage:
 
     def __init__(self, spec: KernelSpec, paths, in1):
         self.dtype = spec.dtype
+        self.pointer_loads = spec.pointer_x_loads
         self.ahead = spec.stage_ahead
         self.buffers = spec.stage_ahead + 1
         self.slots: Dict[tuple, int] = {}
@@ -288,6 +326,15 @@ class _Stage:
 
     def read(self, *key) -> str:
         return f"stg[{self.slots[tuple(key)]} * WARP_SIZE + lane]"
+
+    def row_value(self, prefix: str, base: str, b: int, off: int, d: int, m: int) -> str:
+        """The lane's value m of block b of a gathered row (``prefix`` "x" / "xa": the sender's X / X2 row at
+        ``base``), staged or loaded, the load spelt as ``spec.pointer_x_loads`` asks."""
+        if self.has(prefix, b, m):
+            return self.read(prefix, b, m)
+        if self.pointer_loads and prefix in ("x", "xa"):
+            return f"*({base} + {off} + u * {d} + {m})"
+        return f"{base}[{off} + u * {d} + {m}]"
 
     def weight(self, p, which: str = "w") -> str:
         """The lane's weight of path ``p`` (``which``: "w" W, "v" W2), staged or loaded."""
@@ -680,13 +727,20 @@ def _acc_zero(blocks) -> str:
     return "\n".join(f"        a{b}_{m} = C(0);" for b, (off, d, *_r) in sorted(blocks.items()) for m in range(d))
 
 
-def _acc_flush(blocks, row_dim: str, atomic: bool) -> str:
+def _acc_flush(blocks, row_dim: str, atomic: bool, streaming: bool = False) -> str:
+    """Add (``atomic``) or store the accumulators into the segment's output row (``streaming``: stores with an
+    L2 evict-first policy)."""
     lines = [f"        scalar_t* __restrict__ o_row = OUT + row * {row_dim};"]
     for b, (off, d, mul) in sorted(blocks.items()):
         lines.append(f"        if (u < {mul}) {{")
         for m in range(d):
             t = f"o_row[{off} + u * {d} + {m}]"
-            lines.append(f"            atomicAdd(&{t}, a{b}_{m});" if atomic else f"            {t} = a{b}_{m};")
+            if atomic:
+                lines.append(f"            atomicAdd(&{t}, a{b}_{m});")
+            elif streaming:
+                lines.append(f"            __stcs(&{t}, a{b}_{m});")
+            else:
+                lines.append(f"            {t} = a{b}_{m};")
         lines.append("        }")
     return "\n".join(lines)
 
@@ -740,8 +794,9 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         raise ValueError(f"unknown kernel kind {spec.kind}")
 
     g_names = [f"g{b}_{m}" for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
+    g_at = ("__ldcs(g_row + {} + u * {} + {})" if spec.stream_rows else "g_row[{} + u * {} + {}]").format
     g_lines = ["        const scalar_t* __restrict__ g_row = G + row * DO;"] + [
-        f"        g{b}_{m} = (u < {mul}) ? g_row[{off} + u * {d} + {m}] : C(0);"
+        f"        g{b}_{m} = (u < {mul}) ? {g_at(off, d, m)} : C(0);"
         for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
     if spec.kind == KIND_DOUBLE:
         g_state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
@@ -754,7 +809,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     elif acc_blocks is not None:
         state = _acc_decl(acc_blocks)
         load, zero = "", _acc_zero(acc_blocks)
-        end_store = _acc_flush(acc_blocks, row_dim, atomic=False)
+        end_store = _acc_flush(acc_blocks, row_dim, atomic=False, streaming=spec.stream_rows)
         end_atomic = _acc_flush(acc_blocks, row_dim, atomic=True)
     else:  # backward: the segment's state is the output gradient row, reloaded when the receiver changes
         state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
