@@ -4,10 +4,11 @@
         python scripts/ncu_conv.py [--stream-weights] large1:float32:bwd medium1:float32:double_nogg:pf0 ...
 
 Each argument names one kernel call of scripts/part_sweep.py's ``sweep_calls`` (config:dtype:kind[:setting...];
-settings for that call's kernel: ``pfN`` prefetch distance N, ``xp`` / ``noxp`` POINTER_X_LOADS on / off, ``sr`` / ``nosr`` STREAM_RECEIVER_ROWS on / off) on the
-benchmark's Cu graph with fresh random inputs. Every call runs twice first (compile, receiver order memoised),
-then once more between cudaProfilerStart/Stop, so ncu sees only that launch (plus the small grouping and
-zeroing kernels around it, which the ``-k`` filter leaves out). ``--stream-weights``: with
+settings for that call's kernel: ``pfN`` prefetch distance N, ``xp`` / ``noxp`` POINTER_X_LOADS on / off,
+``sr`` / ``nosr`` STREAM_RECEIVER_ROWS on / off) on the benchmark's Cu graph with fresh random inputs. Every
+call runs twice first (compile, receiver order memoised), then once more between cudaProfilerStart/Stop, so
+ncu sees only that launch (plus the small grouping and zeroing kernels around it, which the ``-k`` filter
+leaves out). ``--stream-weights``: with
 ``codegen.STREAM_WEIGHTS`` on for every kernel kind (weight rows read and dW written L2 evict-first).
 """
 import os

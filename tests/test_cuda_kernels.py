@@ -359,7 +359,8 @@ def test_streamed_weights_cuda_vs_e3nn(stream, dtype, deterministic, monkeypatch
 def test_layout_switches_cuda_vs_e3nn(switch, dtype, deterministic, monkeypatch):
     """Every kernel kind with its sender rows loaded as ``*(x_row + i)`` (codegen.POINTER_X_LOADS) and its
     receiver rows streamed (codegen.STREAM_RECEIVER_ROWS: forward output stores, output-gradient loads), or
-    with neither, matches e3nn to every derivative order (large layer 1: float64 splits into output parts)."""
+    with neither, matches e3nn to every derivative order (large layer 1: float64 splits into output parts;
+    the deterministic dx kernel has neither switch)."""
     from mace_accel.backends import cuda as B
     from mace_accel.backends.cuda import codegen
 
