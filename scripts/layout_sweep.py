@@ -2,11 +2,14 @@
 
     python scripts/layout_sweep.py --tables pointer_x [--configs layer0 medium1 large1] [--repeats 2]
     python scripts/layout_sweep.py --tables stream_rows pointer_x --kinds bwd    # both off, then both on
+    python scripts/layout_sweep.py --tables min_blocks --min-blocks 4 --configs medium1 --kinds double_nogg
 
 Switches (off, on, repeated ``--repeats`` times, so the spread between equal settings shows):
 * ``pointer_x``: codegen.POINTER_X_LOADS (sender rows loaded as ``*(x_row + i)``);
 * ``stream_rows``: codegen.STREAM_RECEIVER_ROWS (per-receiver rows L2 evict-first: the forward's output rows,
-  the backward kinds' output-gradient rows).
+  the backward kinds' output-gradient rows);
+* ``min_blocks``: codegen.MIN_BLOCKS_PER_SM (on: ``__launch_bounds__`` asks for ``--min-blocks`` resident blocks
+  per SM, capping the registers per thread).
 
 For each MACE-MP-0 layer config, dtype and kernel call of part_sweep.sweep_calls on the benchmark's Cu graph,
 sets the switch for that (kind, dtype) and times the call alone (receiver order memoised; CUDA events, median
@@ -25,7 +28,8 @@ from part_sweep import ALL_KINDS, KINDS, call_spec, mp0_plans, precompile, resto
 
 from mace_accel.backends.cuda import codegen  # noqa: E402
 
-TABLES = {"pointer_x": codegen.POINTER_X_LOADS, "stream_rows": codegen.STREAM_RECEIVER_ROWS}
+TABLES = {"pointer_x": codegen.POINTER_X_LOADS, "stream_rows": codegen.STREAM_RECEIVER_ROWS,
+          "min_blocks": codegen.MIN_BLOCKS_PER_SM}
 
 
 def main():
@@ -35,6 +39,7 @@ def main():
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     ap.add_argument("--kinds", nargs="*", default=list(KINDS))
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--min-blocks", type=int, default=3, help="the min_blocks switch's value when on")
     a = ap.parse_args()
     tables = [TABLES[t] for t in a.tables]
     label = "+".join(a.tables)
@@ -48,6 +53,8 @@ def main():
         for table in tables:
             if table is codegen.POINTER_X_LOADS:  # keyed by need_gg too: set both, each call reads its own
                 table[(kind, dname, True)] = table[(kind, dname, False)] = setting
+            elif table is codegen.MIN_BLOCKS_PER_SM:
+                table[(kind, dname)] = a.min_blocks if setting else 0
             else:
                 table[(kind, dname)] = setting
 

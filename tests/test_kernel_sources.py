@@ -254,6 +254,24 @@ def test_forward_unroll_must_be_a_power_of_two(unroll, monkeypatch):
         B._spec(plan, KIND_FORWARD, "float32", True)
 
 
+def test_launch_min_blocks_skips_unrolled_forwards(monkeypatch):
+    """MIN_BLOCKS_PER_SM's register cap reaches the forwards that walk one edge per iteration (medium and
+    large layer 1) and not those that unroll their edge loop (layer 0), and shows in the rendered bounds."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    monkeypatch.setattr(codegen, "MIN_BLOCKS_PER_SM", {(KIND_FORWARD, "float32"): 3})
+    monkeypatch.setattr(B, "_SPECS", {})
+    for layer, want in (("layer0", 0), ("medium1", 3), ("large1", 3)):
+        node, sh, mid, ins = mace_conv_args(layer)
+        plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+        spec = B._spec(plan, KIND_FORWARD, "float32", True)
+        assert spec.min_blocks == want, layer
+        bounds = "__launch_bounds__(THREADS, 3)" if want else "__launch_bounds__(THREADS)"
+        assert bounds in render(plan, spec)["source"], layer
+        assert B._spec(plan, KIND_FORWARD, "float64", True).min_blocks == 0
+
+
 def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
     """Bulk-copied weight rows (stage "b"): the copies need 16-byte slices, so render refuses a plan whose
     path slices are not (and the backend does not pick "b" for it); fit_stage drops rows in order; an unknown

@@ -130,11 +130,16 @@ PART_MAX_LANE_WORDS = {KIND_FORWARD: 96, KIND_BACKWARD: 96, KIND_DOUBLE: 96}
 DOUBLE_NO_GG_MAX_LANE_WORDS = {"float32": 96, "float64": 64}
 
 
-#: (kind, dtype) -> minimum resident blocks per SM asked of the compiler (caps registers per thread at
-#: 65536 / (blocks * THREADS_PER_BLOCK)). Empty: capping registers spilled for every kernel that would gain
-#: occupancy, except layer 0 float32, where unroll 2 reaches the same 64 registers without spills
-#: (scripts/occupancy_sweep.py). Kept for sweeps on other GPUs and problems.
-MIN_BLOCKS_PER_SM: Dict[Tuple[int, str], int] = {}
+#: (kind, dtype) -> minimum resident blocks per SM asked of the compiler (``__launch_bounds__``; caps registers
+#: per thread at 65536 / (blocks * THREADS_PER_BLOCK)), for kernels that do not unroll their edge loop (the
+#: small forwards that do, layer 0, keep their own register count: see ``launch_min_blocks``). Kernel alone
+#: on the H100 (scripts/layout_sweep.py --tables min_blocks, layout_sweep_min_blocks*_h100.txt), float32
+#: forward off -> 3: large layer 1 0.678 -> 0.617 ms (178 -> 168 registers: 3 blocks per SM instead of 2, no
+#: spills), medium 0.347 -> 0.334 (2 and 4 the same; layer 0 with its unroll 0.150 -> 0.174, hence the
+#: exception). Everything else lost or spilled: float64 forwards (large 1.21 -> 1.22-1.56), and with the
+#: non-binding 2 the backward and double kernels (medium float32 backward 0.756 -> 0.787, no-gg double 1.106
+#: -> 1.229); medium float32 no-gg double at 4 (167 -> 128 registers, no spills) 1.106 -> 1.118.
+MIN_BLOCKS_PER_SM: Dict[Tuple[int, str], int] = {(KIND_FORWARD, "float32"): 3}
 
 
 #: (kind, dtype) -> edges ahead whose weight rows (W, and ggw in the double backward) a warp prefetches into
@@ -765,6 +770,15 @@ def _edge_unroll(paths, spec: KernelSpec) -> int:
         return 1
     words = lane_dims(paths)[2] * register_words(spec.dtype)
     return spec.unroll if words <= UNROLL_MAX_ACC_WORDS else 1
+
+
+def launch_min_blocks(plan: TPPlan, spec: KernelSpec, table_value: int) -> int:
+    """The ``__launch_bounds__`` minimum blocks per SM for ``spec``: MIN_BLOCKS_PER_SM's value, except for a
+    forward that unrolls its edge loop in some part (SMALL_FORWARD_UNROLL), which was tuned without a cap."""
+    parts = spec.parts or (tuple(range(len(plan.paths))),)
+    if any(_edge_unroll([plan.paths[i] for i in part], spec) > 1 for part in parts):
+        return 0
+    return table_value
 
 
 def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) -> str:
