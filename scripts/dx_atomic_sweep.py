@@ -30,7 +30,6 @@ def main():
     graph = P.C.cu_graph_on(dev)
     plans = P.mp0_plans(a.configs)
     reset = P.restoring(codegen.COALESCED_DX_ATOMICS, codegen.VECTOR_DX_ATOMICS)
-    P.C.gpu_warmup(dev)
 
     def apply(kind, dname, setting):
         codegen.COALESCED_DX_ATOMICS[dname] = setting != "per-lane"

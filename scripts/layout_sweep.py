@@ -8,6 +8,8 @@ Switches (off, on, repeated ``--repeats`` times, so the spread between equal set
 * ``pointer_x``: codegen.POINTER_X_LOADS (sender rows loaded as ``*(x_row + i)``);
 * ``stream_rows``: codegen.STREAM_RECEIVER_ROWS (per-receiver rows L2 evict-first: the forward's output rows,
   the backward kinds' output-gradient rows);
+* ``stream_w``: codegen.STREAM_WEIGHTS (weight rows read, dW written L2 evict-first; was
+  ``prefetch_sweep.py --stream``);
 * ``min_blocks``: codegen.MIN_BLOCKS_PER_SM (on: ``__launch_bounds__`` asks for ``--min-blocks`` resident blocks
   per SM, capping the registers per thread).
 
@@ -24,12 +26,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
-from part_sweep import ALL_KINDS, KINDS, call_spec, mp0_plans, precompile, restoring, run_sweep  # noqa: E402
+from part_sweep import KINDS, mp0_plans, restoring, run_sweep, set_switch  # noqa: E402
 
 from mace_accel.backends.cuda import codegen  # noqa: E402
 
 TABLES = {"pointer_x": codegen.POINTER_X_LOADS, "stream_rows": codegen.STREAM_RECEIVER_ROWS,
-          "min_blocks": codegen.MIN_BLOCKS_PER_SM}
+          "stream_w": codegen.STREAM_WEIGHTS, "min_blocks": codegen.MIN_BLOCKS_PER_SM}
 
 
 def main():
@@ -51,23 +53,9 @@ def main():
 
     def apply(kind, dname, setting):
         for table in tables:
-            if table is codegen.POINTER_X_LOADS:  # keyed by need_gg too: set both, each call reads its own
-                table[(kind, dname, True)] = table[(kind, dname, False)] = setting
-            elif table is codegen.MIN_BLOCKS_PER_SM:
-                table[(kind, dname)] = a.min_blocks if setting else 0
-            else:
-                table[(kind, dname)] = setting
+            off, on = (0, a.min_blocks) if table is codegen.MIN_BLOCKS_PER_SM else (False, True)
+            set_switch(table, kind, dname, on if setting else off)
 
-    jobs = []
-    for cfg in a.configs:
-        for dt in a.dtypes:
-            for kname in a.kinds:
-                for d in settings[:2]:
-                    apply(ALL_KINDS[kname], dt, d)
-                    jobs.append((plans[cfg], call_spec(plans[cfg], kname, dt)))
-                reset()
-    precompile(jobs)
-    C.gpu_warmup(dev)
     run_sweep(a, plans, (s, r, n, e), dev, settings, apply,
               lambda plan, kname, dname, d: f"{label} {'on ' if d else 'off'}", reset)
 

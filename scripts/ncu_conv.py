@@ -53,12 +53,11 @@ def apply_setting(kind: int, dname: str, st: str) -> None:
     """One ``pfN`` / ``[no]xp`` / ``[no]sr`` setting of a cell (module docstring) into codegen's tables."""
     cg = P.codegen
     if st.startswith("pf") and st[2:].isdigit():
-        cg.PREFETCH_EDGES[(kind, dname)] = int(st[2:])
+        P.set_switch(cg.PREFETCH_EDGES, kind, dname, int(st[2:]))
     elif st in ("sr", "nosr"):
-        cg.STREAM_RECEIVER_ROWS[(kind, dname)] = st == "sr"
+        P.set_switch(cg.STREAM_RECEIVER_ROWS, kind, dname, st == "sr")
     elif st in ("xp", "noxp"):
-        for gg in (True, False):
-            cg.POINTER_X_LOADS[(kind, dname, gg)] = st == "xp"
+        P.set_switch(cg.POINTER_X_LOADS, kind, dname, st == "xp")
     else:
         raise ValueError(f"unknown setting {st!r}: expected pfN, [no]xp or [no]sr")
 

@@ -38,7 +38,7 @@ def main():
     default_min_blocks = dict(codegen.MIN_BLOCKS_PER_SM)
     # the backend leaves forwards that unroll their edge loop uncapped (codegen.launch_min_blocks); this sweep
     # crosses the two, so the cap applies as set here
-    codegen.launch_min_blocks = lambda plan, spec, value: value
+    codegen.launch_min_blocks = lambda plan, spec: spec.min_blocks
     for cfg in a.configs:
         node, sh, mid, ins = mace_conv_args(cfg)
         plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))

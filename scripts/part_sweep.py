@@ -33,18 +33,6 @@ EXTRA_KINDS = {"double_nogg": codegen.KIND_DOUBLE}
 ALL_KINDS = {**KINDS, **EXTRA_KINDS}
 
 
-def specs_for(plan, dt, budget):
-    kw = dict(max_words=budget or ONE_PART)
-    return [
-        codegen.KernelSpec(codegen.KIND_FORWARD, dt, True, unroll=codegen.SMALL_FORWARD_UNROLL[dt],
-                           parts=codegen.parts_for(plan, codegen.KIND_FORWARD, dt, **kw)),
-        codegen.KernelSpec(codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True,
-                           parts=codegen.parts_for(plan, codegen.KIND_BACKWARD, dt, codegen.DX_ATOMIC, **kw)),
-        codegen.KernelSpec(codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True,
-                           parts=codegen.parts_for(plan, codegen.KIND_DOUBLE, dt, codegen.DX_ATOMIC, **kw)),
-    ]
-
-
 def sweep_inputs(plan, dtype, n: int, e: int, dev):
     """Fresh random inputs of one conv problem on the benchmark graph: (x, y, w, g, ggx, ggy, ggw)."""
     x, ggx = (torch.randn(n, plan.in1_dim, device=dev, dtype=dtype) for _ in range(2))
@@ -105,10 +93,32 @@ def restoring(*tables):
     return reset
 
 
+def set_switch(table, kind: int, dname: str, value) -> None:
+    """Set a per-kernel entry of one of codegen's tables for (kind, dtype): POINTER_X_LOADS is keyed by need_gg
+    too, so both of its entries are set (each call reads its own)."""
+    if table is codegen.POINTER_X_LOADS:
+        table[(kind, dname, True)] = table[(kind, dname, False)] = value
+    else:
+        table[(kind, dname)] = value
+
+
 def run_sweep(a, plans, graph, dev, settings, apply, describe, reset) -> None:
     """Time the call of each (config, dtype, kind) of ``a`` under every setting, in order: ``apply(kind, dtype,
     setting)`` sets it, ``describe(plan, call name, dtype, setting)`` names it in the printed line, ``reset(kind,
-    dtype)`` restores the default after the kind. Each result is compared with the first setting's."""
+    dtype)`` restores the default after the kind. Each result is compared with the first setting's. The
+    kernels of every setting are compiled first and the GPU is warmed up, so no compile or cold clock lands in
+    a timing."""
+    jobs = {}
+    for cfg in a.configs:
+        for dname in a.dtypes:
+            for kname in a.kinds:
+                for setting in settings:
+                    apply(ALL_KINDS[kname], dname, setting)
+                    spec = call_spec(plans[cfg], kname, dname)
+                    jobs[(plans[cfg].key, spec)] = (plans[cfg], spec)
+                reset(ALL_KINDS[kname], dname)
+    precompile(jobs.values())
+    C.gpu_warmup(dev)
     s, r, n, e = graph
     for cfg in a.configs:
         plan = plans[cfg]
@@ -145,11 +155,6 @@ def main():
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev)
     plans = mp0_plans(a.configs)
-    jobs = {(plans[c].key, sp) for c in a.configs for dt in a.dtypes for b in a.budgets
-            for sp in specs_for(plans[c], dt, b)}
-    plan_by_key = {p.key: p for p in plans.values()}
-    precompile((plan_by_key[k], sp) for k, sp in sorted(jobs, key=str))
-    C.gpu_warmup(dev)
 
     def apply(kind, dname, budget):
         codegen.PART_MAX_LANE_WORDS[kind] = budget or ONE_PART

@@ -1,13 +1,14 @@
 """Sweep: how many edges ahead should each conv kernel prefetch its weight rows into L2? (GPU machine)
 
     python scripts/prefetch_sweep.py [--distances 0 1 2 4 8] [--configs layer0 medium1 large1]
-    python scripts/prefetch_sweep.py --stream     # STREAM_WEIGHTS off / on instead, default distances
 
 For each MACE-MP-0 layer config, dtype and kernel kind (forward, atomic backward, fused double backward;
-also double_nogg: without d/dgout) on the benchmark's Cu graph, sets ``codegen.PREFETCH_EDGES`` for that (kind, dtype) and times the kernel call
-alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups). Each result is compared with
-the distance-0 result: the prefetch is a hint and must not change any value (forward: bitwise; the atomic
-kernels: rounding of the atomics' order only). Prints one line per (cell, distance).
+also double_nogg: without d/dgout) on the benchmark's Cu graph, sets ``codegen.PREFETCH_EDGES`` for that
+(kind, dtype) and times the kernel call alone (receiver order memoised; CUDA events, median of 20 after 3
+warm-ups). Each result is compared with the distance-0 result: the prefetch is a hint and must not change any
+value (forward: bitwise; the atomic kernels: rounding of the atomics' order only). Prints one line per (cell,
+distance). STREAM_WEIGHTS off / on, once this script's ``--stream``: ``scripts/layout_sweep.py --tables
+stream_w``.
 """
 import argparse
 import os
@@ -17,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
-from part_sweep import ALL_KINDS, KINDS, call_spec, mp0_plans, precompile, restoring, run_sweep  # noqa: E402
+from part_sweep import KINDS, mp0_plans, restoring, run_sweep  # noqa: E402
 
 from mace_accel.backends.cuda import codegen  # noqa: E402
 
@@ -29,10 +30,8 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["layer0", "medium1", "large1"])
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     ap.add_argument("--kinds", nargs="*", default=list(KINDS))
-    ap.add_argument("--stream", action="store_true", help="sweep codegen.STREAM_WEIGHTS (off, on) instead")
     a = ap.parse_args()
-    table, label = (codegen.STREAM_WEIGHTS, "stream_w") if a.stream else (codegen.PREFETCH_EDGES, "prefetch")
-    settings = [False, True] if a.stream else a.distances
+    table = codegen.PREFETCH_EDGES
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev)
     plans = mp0_plans(a.configs)
@@ -41,17 +40,7 @@ def main():
     def apply(kind, dname, setting):
         table[(kind, dname)] = setting
 
-    jobs = []
-    for cfg in a.configs:
-        for dt in a.dtypes:
-            for kname in a.kinds:
-                for d in settings:
-                    apply(ALL_KINDS[kname], dt, d)
-                    jobs.append((plans[cfg], call_spec(plans[cfg], kname, dt)))
-                reset()
-    precompile(jobs)
-    C.gpu_warmup(dev)
-    run_sweep(a, plans, (s, r, n, e), dev, settings, apply, lambda plan, kname, dname, d: f"{label} {int(d):2d}",
+    run_sweep(a, plans, (s, r, n, e), dev, a.distances, apply, lambda plan, kname, dname, d: f"prefetch {d:2d}",
               reset)
 
 

@@ -50,17 +50,6 @@ def main():
         if pf is not None:
             codegen.PREFETCH_EDGES[(kind, dname)] = pf
 
-    jobs = []
-    for cfg in a.configs:
-        for dt in a.dtypes:
-            for kname in a.kinds:
-                for setting in settings:
-                    apply(P.ALL_KINDS[kname], dt, setting)
-                    jobs.append((plans[cfg], P.call_spec(plans[cfg], kname, dt)))
-                reset()
-    P.precompile(dict(((p.key, s), (p, s)) for p, s in jobs).values())
-    P.C.gpu_warmup(dev)
-
     def describe(plan, kname, dname, setting):
         spec = P.call_spec(plan, kname, dname)
         return (f"stage {spec.stage or '-':2s} ahead {spec.stage_ahead} min_blocks {spec.min_blocks} "

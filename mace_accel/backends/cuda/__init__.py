@@ -248,7 +248,7 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
                           parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks, prefetch, stream_w,
                           dy_atomic, coalesced_dx, need_gg, vector_dx=vector_dx, stage=stage, stage_ahead=stage_ahead,
                           unroll=unroll, pointer_x_loads=pointer_x, stream_rows=stream_rows)
-        spec = replace(spec, min_blocks=codegen.launch_min_blocks(plan, spec, min_blocks))
+        spec = replace(spec, min_blocks=codegen.launch_min_blocks(plan, spec))
         spec = _SPECS[key] = codegen.fit_stage(plan, spec)
     return spec
 

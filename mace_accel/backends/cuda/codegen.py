@@ -161,7 +161,8 @@ PREFETCH_EDGES[(KIND_DOUBLE, "float64")] = 0
 #: ~78 edges spread over the whole launch) must stay in L2 between their uses. Nsight Compute on the large
 #: float32 layer (ncu_stream_h100.txt): off, the backward reads 1.88 GB from DRAM where its weights are 1.39
 #: GB (the reused rows are evicted and re-read); on, 1.69 GB (double without d/dgout: 3.57 -> 3.25 GB).
-#: Kernel alone on the H100 (scripts/prefetch_sweep.py --stream, stream_sweep_v16c_h100.txt), off -> on:
+#: Kernel alone on the H100 (then prefetch_sweep.py --stream, now layout_sweep.py --tables stream_w;
+#: stream_sweep_v16c_h100.txt), off -> on:
 #: float32 backward large 1.567 -> 1.489 ms, medium 0.762 -> 0.760, layer 0 0.296 -> 0.299; float32 double
 #: without d/dgout large 2.223 -> 2.060, medium 1.132 -> 1.104, layer 0 0.437 -> 0.455; with d/dgout large
 #: 3.673 -> 3.688, medium 1.555 -> 1.537. Float64 and the forwards gain nothing or lose (large float64
@@ -772,13 +773,14 @@ def _edge_unroll(paths, spec: KernelSpec) -> int:
     return spec.unroll if words <= UNROLL_MAX_ACC_WORDS else 1
 
 
-def launch_min_blocks(plan: TPPlan, spec: KernelSpec, table_value: int) -> int:
-    """The ``__launch_bounds__`` minimum blocks per SM for ``spec``: MIN_BLOCKS_PER_SM's value, except for a
-    forward that unrolls its edge loop in some part (SMALL_FORWARD_UNROLL), which was tuned without a cap."""
+def launch_min_blocks(plan: TPPlan, spec: KernelSpec) -> int:
+    """The ``__launch_bounds__`` minimum blocks per SM to compile ``spec`` with: its ``min_blocks`` (from
+    MIN_BLOCKS_PER_SM), except for a forward that unrolls its edge loop in some part (SMALL_FORWARD_UNROLL),
+    which was tuned without a cap."""
     parts = spec.parts or (tuple(range(len(plan.paths))),)
     if any(_edge_unroll([plan.paths[i] for i in part], spec) > 1 for part in parts):
         return 0
-    return table_value
+    return spec.min_blocks
 
 
 def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) -> str:
