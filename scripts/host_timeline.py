@@ -1,0 +1,124 @@
+"""Probe: where the host time of one conv forward + backward goes, as a timeline (GPU machine).
+
+    python scripts/host_timeline.py [--config layer0] [--dtype float32] [--edges 4096] [--calls 300] [--fine]
+
+Runs ``torch.autograd.grad(conv(x, y, w, sender, receiver), (x, y, w), g)`` as bench_conv's fwd_bwd mode does
+(receiver grouping forgotten before each call), on the first ``--edges`` edges of the benchmark's Cu graph, so
+that the GPU keeps up and every call measures host work only. The backend's entry points and each kernel launch
+are wrapped with ``time.perf_counter`` stamps (~0.3 us each); the script prints the median time between
+consecutive stamps over the calls, and the median host time from the call's start to the launch of its last
+kernel: with the GPU idle, that is what a CUDA-event timing of a host-bound call measures before the last
+kernel runs.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+
+import mace_accel  # noqa: E402
+from mace_accel.backends import cuda as B  # noqa: E402
+from tp_cases import mace_conv_args  # noqa: E402
+
+_STAMPS = []
+
+
+def _stamp(label):
+    _STAMPS.append((label, time.perf_counter()))
+
+
+def _wrap(owner, name, label):
+    inner = getattr(owner, name)
+
+    def wrapped(*args, **kw):
+        _stamp(f"{label} enter")
+        out = inner(*args, **kw)
+        _stamp(f"{label} exit")
+        return out
+
+    setattr(owner, name, wrapped)
+
+
+def instrument(fine: bool):
+    if fine:  # torch's allocation calls (process-wide) and the backend's helpers, each stamped
+        for name in ("empty", "zeros", "zeros_like"):
+            _wrap(torch, name, f"torch.{name}")
+        _wrap(torch.cuda, "is_current_stream_capturing", "is_capturing")
+        for name in ("_spec", "_csr_function", "_dy_partials", "_alloc", "_launch"):
+            _wrap(B, name, name)
+    _wrap(B, "forward", "backend.forward")
+    _wrap(B, "backward", "backend.backward")
+    _wrap(B, "graph_csr", "graph_csr")
+    inner = B.run_on_torch_stream
+
+    def launch(fn, device, blocks, threads, args):
+        _stamp("launch")
+        inner(fn, device, blocks, threads, args)
+        _stamp("launched")
+
+    B.run_on_torch_stream = launch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="layer0")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--edges", type=int, default=4096)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--fine", action="store_true", help="also stamp torch's allocations and the backend helpers")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    s, r, n, e = C.cu_graph_on(dev, announce=False)
+    k = min(a.edges, e)
+    s, r = s[:k].contiguous(), r[:k].contiguous()
+    dtype = getattr(torch, a.dtype)
+    node, sh, mid, ins = mace_conv_args(a.config)
+    with C.default_dtype(dtype):
+        conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False).to(dev)
+    x = torch.randn(n, node.dim, device=dev, dtype=dtype, requires_grad=True)
+    y = torch.randn(k, sh.dim, device=dev, dtype=dtype, requires_grad=True)
+    w = torch.randn(k, conv.weight_numel, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.randn(n, mid.dim, device=dev, dtype=dtype)
+
+    def fwd_bwd():
+        B._CSR_CACHE.clear()
+        return torch.autograd.grad(conv(x, y, w, s, r, n), (x, y, w), g)
+
+    for _ in range(20):  # compile, warm the caches
+        fwd_bwd()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(a.calls):
+        fwd_bwd()
+    plain = (time.perf_counter() - t0) / a.calls * 1e6
+    torch.cuda.synchronize()
+    instrument(a.fine)
+    runs = []
+    for _ in range(a.calls):
+        _STAMPS.clear()
+        _stamp("call")
+        fwd_bwd()
+        _stamp("returned")
+        runs.append(list(_STAMPS))
+    torch.cuda.synchronize()
+    labels = [lab for lab, _ in runs[0]]
+    if any([lab for lab, _ in run] != labels for run in runs):
+        raise RuntimeError("the calls took different paths; cannot line them up")
+    print(f"{a.config} {a.dtype}, {k} edges, {n} nodes: {plain:.0f} us per fwd_bwd call uninstrumented "
+          f"({a.calls} calls; {os.path.dirname(B.__file__)})")
+    last_launch = max(i for i, lab in enumerate(labels) if lab == "launch")
+    for i in range(1, len(labels)):
+        d = statistics.median((run[i][1] - run[i - 1][1]) * 1e6 for run in runs)
+        print(f"  {labels[i - 1]:>24s} -> {labels[i]:<24s} {d:7.1f} us")
+    to_last = statistics.median((run[last_launch][1] - run[0][1]) * 1e6 for run in runs)
+    total = statistics.median((run[-1][1] - run[0][1]) * 1e6 for run in runs)
+    print(f"  call -> last kernel launch: {to_last:.1f} us; whole call {total:.1f} us (instrumented)")
+
+
+if __name__ == "__main__":
+    main()
