@@ -332,55 +332,44 @@ def test_vector_dx_atomics_float32(node, monkeypatch):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("stream", [False, True])
-def test_streamed_weights_cuda_vs_e3nn(stream, dtype, deterministic, monkeypatch):
-    """Every kernel kind with its weight rows read and dW written as streaming data (codegen.STREAM_WEIGHTS:
-    evict-first loads and prefetch, streaming stores) or without matches e3nn to every derivative order
-    (large layer 1: float64 splits into output parts)."""
-    from mace_accel.backends import cuda as B
-    from mace_accel.backends.cuda import codegen
+@pytest.mark.parametrize("on", [False, True])
+@pytest.mark.parametrize("switch", ["stream_w", "layout"])
+def test_table_switches_cuda_vs_e3nn(switch, on, dtype, deterministic, monkeypatch):
+    """Every kernel kind with one of codegen's per-kernel switches forced on or off matches e3nn to every
+    derivative order (large layer 1: float64 splits into output parts):
 
-    kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_GRAD_X, codegen.KIND_DOUBLE)
-    monkeypatch.setattr(codegen, "STREAM_WEIGHTS", {(k, dt): stream for k in kinds for dt in ("float32", "float64")})
-    monkeypatch.setattr(B, "_SPECS", {})
-    node, sh, mid, ins = mace_conv_args("large1", mul=128)
-    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
-    spec = B._spec(conv.plan, codegen.KIND_BACKWARD, str(dtype)[6:], deterministic,
-                   codegen.DX_NONE if deterministic else codegen.DX_ATOMIC, True, True)
-    assert spec.stream_w == stream
-    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
-    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=17)
-    _check(conv, tp64, x, y, w, s, r, dtype)
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("switch", [False, True])
-def test_layout_switches_cuda_vs_e3nn(switch, dtype, deterministic, monkeypatch):
-    """Every kernel kind with its sender rows loaded as ``*(x_row + i)`` (codegen.POINTER_X_LOADS) and its
-    receiver rows streamed (codegen.STREAM_RECEIVER_ROWS: forward output stores, output-gradient loads), or
-    with neither, matches e3nn to every derivative order (large layer 1: float64 splits into output parts;
-    the deterministic dx kernel has neither switch)."""
+    * ``stream_w``: weight rows read and dW written as streaming data (STREAM_WEIGHTS: evict-first loads and
+      prefetch, streaming stores);
+    * ``layout``: sender rows loaded as ``*(x_row + i)`` (POINTER_X_LOADS) and receiver rows streamed
+      (STREAM_RECEIVER_ROWS: forward output stores, output-gradient loads); the deterministic dx kernel has
+      neither switch.
+    """
     from mace_accel.backends import cuda as B
     from mace_accel.backends.cuda import codegen
 
     kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_GRAD_X, codegen.KIND_DOUBLE)
     dts = ("float32", "float64")
-    monkeypatch.setattr(codegen, "POINTER_X_LOADS", {(k, dt, gg): switch for k in kinds for dt in dts
-                                                     for gg in (False, True)})
-    monkeypatch.setattr(codegen, "STREAM_RECEIVER_ROWS", {(k, dt): switch for k in kinds for dt in dts})
+    if switch == "stream_w":
+        monkeypatch.setattr(codegen, "STREAM_WEIGHTS", {(k, dt): on for k in kinds for dt in dts})
+    else:
+        monkeypatch.setattr(codegen, "POINTER_X_LOADS", {(k, dt, gg): on for k in kinds for dt in dts
+                                                         for gg in (False, True)})
+        monkeypatch.setattr(codegen, "STREAM_RECEIVER_ROWS", {(k, dt): on for k in kinds for dt in dts})
     monkeypatch.setattr(B, "_SPECS", {})
     node, sh, mid, ins = mace_conv_args("large1", mul=128)
     conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
     spec = B._spec(conv.plan, codegen.KIND_BACKWARD, str(dtype)[6:], deterministic,
                    codegen.DX_NONE if deterministic else codegen.DX_ATOMIC, True, True)
-    assert spec.pointer_x_loads == spec.stream_rows == switch
-    src = codegen.render(conv.plan, spec)["source"]
-    assert ("__ldcs(g_row" in src) == switch
-    if "x" not in spec.stage:  # float64: the sender rows come from the shared-memory stage (STAGED_ROWS)
-        assert ("*(x_row + " in src) == switch
+    if switch == "stream_w":
+        assert spec.stream_w == on
+    else:
+        assert spec.pointer_x_loads == spec.stream_rows == on
+        src = codegen.render(conv.plan, spec)["source"]
+        assert ("__ldcs(g_row" in src) == on
+        if "x" not in spec.stage:  # float64: the sender rows come from the shared-memory stage (STAGED_ROWS)
+            assert ("*(x_row + " in src) == on
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
-    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=19)
+    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=17 if switch == "stream_w" else 19)
     _check(conv, tp64, x, y, w, s, r, dtype)
 
 

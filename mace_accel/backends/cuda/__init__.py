@@ -220,34 +220,17 @@ _SPECS: Dict[tuple, KernelSpec] = {}
 
 def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_NONE, need_dy: bool = False,
           need_dw: bool = False, edges_per_warp: int = RUN_EDGES_PER_WARP, need_gg: bool = True) -> KernelSpec:
-    """The kernel spec for a launch, with the output parts the schedule picks for this plan and dtype
-    (memoised: this runs on every call, and splitting the paths is Python work)."""
-    min_blocks = codegen.MIN_BLOCKS_PER_SM.get((kind, dt), 0)
-    prefetch = codegen.PREFETCH_EDGES.get((kind, dt), 0)
-    stream_w = codegen.STREAM_WEIGHTS.get((kind, dt), False)
-    dy_atomic = codegen.ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE)
-    coalesced_dx = codegen.COALESCED_DX_ATOMICS.get(dt, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
-    # 16-byte vector atomics need 16-byte aligned rows (the dx buffers are allocated here, so their start is)
-    vector_dx = (coalesced_dx and codegen.VECTOR_DX_ATOMICS.get((kind, dt), False)
-                 and codegen.vector_rows_aligned(plan))
-    stage = "" if kind == KIND_GRAD_X else codegen.STAGED_ROWS.get((kind, dt), "")
-    if "b" in stage and not codegen.bulk_rows_aligned(plan, dt):  # bulk copies need 16-byte slices
-        stage = stage.replace("b", "")
-    stage_ahead = codegen.STAGE_AHEAD.get((kind, dt), 1) if stage else 1
-    unroll = codegen.SMALL_FORWARD_UNROLL.get(dt, 1) if kind == KIND_FORWARD else 1
-    need_gg = need_gg or kind != KIND_DOUBLE
-    pointer_x = codegen.POINTER_X_LOADS.get((kind, dt, need_gg), False)
-    stream_rows = codegen.STREAM_RECEIVER_ROWS.get((kind, dt), False) and kind != KIND_GRAD_X
-    key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-           codegen.PART_MAX_LANE_WORDS.get(kind), codegen.DOUBLE_NO_GG_MAX_LANE_WORDS.get(dt), min_blocks, prefetch,
-           stream_w, dy_atomic, coalesced_dx, vector_dx, need_gg, stage, stage_ahead, unroll, pointer_x,
-           stream_rows)
+    """The kernel spec for a launch: the tables' choices (codegen.table_choices) and the output parts the
+    schedule picks for this plan and dtype (memoised: this runs on every call, and splitting the paths is
+    Python work)."""
+    choices = codegen.table_choices(plan, kind, dt, segmented, dx_mode, need_dy, need_gg)
+    key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp, choices)
     spec = _SPECS.get(key)
     if spec is None:
-        spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp,
-                          parts_for(plan, kind, dt, dx_mode, need_gg=need_gg), min_blocks, prefetch, stream_w,
-                          dy_atomic, coalesced_dx, need_gg, vector_dx=vector_dx, stage=stage, stage_ahead=stage_ahead,
-                          unroll=unroll, pointer_x_loads=pointer_x, stream_rows=stream_rows)
+        fields = dict(zip(codegen.TABLE_CHOICE_FIELDS, choices))
+        part_words = fields.pop("part_words")
+        parts = parts_for(plan, kind, dt, dx_mode, max_words=part_words, need_gg=fields["need_gg"])
+        spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp, parts, **fields)
         spec = replace(spec, min_blocks=codegen.launch_min_blocks(plan, spec))
         spec = _SPECS[key] = codegen.fit_stage(plan, spec)
     return spec

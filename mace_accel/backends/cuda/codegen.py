@@ -257,15 +257,25 @@ class _Code:
         return "\n".join(self.lines)
 
 
-def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple], stage: "_Stage" = None):
-    """Per-lane loads of a row in e3nn layout: value (u, m) of block b at off_b + u * d + m (from the shared
-    memory stage when ``stage`` holds that row)."""
+def _elem(off: int, d: int, m: int) -> str:
+    """Index of the lane's value m of an irreps block at ``off`` with ``d`` components, in e3nn's layout: the
+    block's channel u (the lane's) holds its d values at off + u * d + m."""
+    return f"{off} + u * {d} + {m}"
+
+
+def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple], stage: "_Stage" = None,
+               pointer: bool = False):
+    """Per-lane loads of a row in e3nn layout into ``{prefix}{b}_{m}``: from the shared memory stage where
+    ``stage`` holds the value, else from ``base``, spelt ``*(base + i)`` when ``pointer`` (the same load; ptxas
+    allocates registers differently: KernelSpec.pointer_x_loads) or ``base[i]``."""
     for b, (off, d, mul) in sorted(blocks.items()):
         for m in range(d):
-            if stage is None:
-                src = f"{base}[{off} + u * {d} + {m}]"
+            if stage is not None and stage.has(prefix, b, m):
+                src = stage.read(prefix, b, m)
+            elif pointer:
+                src = f"*({base} + {_elem(off, d, m)})"
             else:
-                src = stage.row_value(prefix, base, b, off, d, m)
+                src = f"{base}[{_elem(off, d, m)}]"
             code(f"const scalar_t {prefix}{b}_{m} = (u < {mul}) ? {src} : C(0);")
 
 
@@ -299,7 +309,6 @@ class _Stage:
 
     def __init__(self, spec: KernelSpec, paths, in1):
         self.dtype = spec.dtype
-        self.pointer_loads = spec.pointer_x_loads
         self.ahead = spec.stage_ahead
         self.buffers = spec.stage_ahead + 1
         self.slots: Dict[tuple, int] = {}
@@ -321,7 +330,7 @@ class _Stage:
             for prefix, arr in srcs:
                 for b, (off, d, mul) in sorted(in1.items()):
                     for m in range(d):
-                        self._add((prefix, b, m), mul, f"{arr} + S * D1 + {off} + u * {d} + {m}")
+                        self._add((prefix, b, m), mul, f"{arr} + S * D1 + {_elem(off, d, m)}")
 
     def _add(self, key, mul: int, src: str):
         n = self.slots[key] = len(self.slots)
@@ -332,15 +341,6 @@ class _Stage:
 
     def read(self, *key) -> str:
         return f"stg[{self.slots[tuple(key)]} * WARP_SIZE + lane]"
-
-    def row_value(self, prefix: str, base: str, b: int, off: int, d: int, m: int) -> str:
-        """The lane's value m of block b of a gathered row (``prefix`` "x" / "xa": the sender's X / X2 row at
-        ``base``), staged or loaded, the load spelt as ``spec.pointer_x_loads`` asks."""
-        if self.has(prefix, b, m):
-            return self.read(prefix, b, m)
-        if self.pointer_loads and prefix in ("x", "xa"):
-            return f"*({base} + {off} + u * {d} + {m})"
-        return f"{base}[{off} + u * {d} + {m}]"
 
     def weight(self, p, which: str = "w") -> str:
         """The lane's weight of path ``p`` (``which``: "w" W, "v" W2), staged or loaded."""
@@ -466,11 +466,11 @@ def _scaled_x(code: _Code, p):
         code(f"  const scalar_t wx{i} = w * x{p.in1_block}_{i};")
 
 
-def _forward_body(paths, code: _Code, in1, in2, st: _Stage):
+def _forward_body(paths, code: _Code, in1, in2, st: _Stage, pointer_x: bool):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
-    _load_rows(code, "x", "x_row", in1, st)
+    _load_rows(code, "x", "x_row", in1, st, pointer_x)
     for p in paths:
         o2 = p.in2_offset
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
@@ -496,7 +496,7 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: 
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
-    _load_rows(code, "x", "x_row", in1, st)
+    _load_rows(code, "x", "x_row", in1, st, spec.pointer_x_loads)
     want_dx = spec.dx_mode != DX_NONE
     if spec.need_dy:  # every column of every part's partial row is written (zero where the part adds nothing)
         for b, (off, d) in sorted(all_in2.items()):
@@ -532,7 +532,7 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: 
         for b, (off, d, mul) in sorted(in1.items()):
             code(f"if (u < {mul}) {{")
             for i in range(d):
-                code(f"  dx_row[{off} + u * {d} + {i}] = dx{b}_{i};")
+                code(f"  dx_row[{_elem(off, d, i)}] = dx{b}_{i};")
             code("}")
 
 
@@ -550,7 +550,7 @@ def _grad_x_body(paths, code: _Code, in1, in2, out):
 
 
 def _double_body(paths, code: _Code, in1, in2, all_in2, st: _Stage, coalesced: bool, need_gg: bool = True,
-                 vector: bool = False):
+                 vector: bool = False, pointer_x: bool = False):
     """Fused double backward (KIND 3); see the kernel template's header for the four outputs (gg only when
     ``need_gg``)."""
     code("const index_t s = other;  // sender")
@@ -560,8 +560,8 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, st: _Stage, coalesced: b
     for b, (off, d) in sorted(in2.items()):
         for j in range(d):
             code(f"const scalar_t yb{off + j} = y2_row[{off + j}];")
-    _load_rows(code, "x", "x_row", in1, st)
-    _load_rows(code, "xa", "xa_row", in1, st)
+    _load_rows(code, "x", "x_row", in1, st, pointer_x)
+    _load_rows(code, "xa", "xa_row", in1, st, pointer_x)
     for b, (off, d) in sorted(all_in2.items()):
         for j in range(d):
             code(f"scalar_t dy{off + j} = C(0);")
@@ -638,7 +638,7 @@ def _emit_dx_atomic(code: _Code, in1, row: str, coalesced: bool, vector: bool = 
         if d == 1 or not stage:
             code(f"if (u < {mul}) {{")
             for i in range(d):
-                code(f"  atomicAdd(&dx_row[{off} + u * {d} + {i}], dx{b}_{i});")
+                code(f"  atomicAdd(&dx_row[{_elem(off, d, i)}], dx{b}_{i});")
             code("}")
             continue
         code("{")
@@ -740,7 +740,7 @@ def _acc_flush(blocks, row_dim: str, atomic: bool, streaming: bool = False) -> s
     for b, (off, d, mul) in sorted(blocks.items()):
         lines.append(f"        if (u < {mul}) {{")
         for m in range(d):
-            t = f"o_row[{off} + u * {d} + {m}]"
+            t = f"o_row[{_elem(off, d, m)}]"
             if atomic:
                 lines.append(f"            atomicAdd(&{t}, a{b}_{m});")
             elif streaming:
@@ -790,7 +790,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     body = _Code(8)
     st = _Stage(spec, paths, in1)
     if spec.kind == KIND_FORWARD:
-        _forward_body(paths, body, in1, in2, st)
+        _forward_body(paths, body, in1, in2, st, spec.pointer_x_loads)
         acc_blocks, row_dim = out, "DO"
     elif spec.kind == KIND_BACKWARD:
         _backward_body(paths, spec, body, in1, in2, all_in2, st)
@@ -804,15 +804,16 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         if spec.segmented and spec.need_gg:  # the gg accumulators are flushed with atomics at run ends
             raise ValueError("the fused double backward with d/dgout runs over receiver-sorted runs "
                              "(segmented=False)")
-        _double_body(paths, body, in1, in2, all_in2, st, spec.coalesced_dx, spec.need_gg, spec.vector_dx)
+        _double_body(paths, body, in1, in2, all_in2, st, spec.coalesced_dx, spec.need_gg, spec.vector_dx,
+                     spec.pointer_x_loads)
         acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")
 
     g_names = [f"g{b}_{m}" for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
-    g_at = ("__ldcs(g_row + {} + u * {} + {})" if spec.stream_rows else "g_row[{} + u * {} + {}]").format
+    g_at = ("__ldcs(g_row + {})" if spec.stream_rows else "g_row[{}]").format
     g_lines = ["        const scalar_t* __restrict__ g_row = G + row * DO;"] + [
-        f"        g{b}_{m} = (u < {mul}) ? {g_at(off, d, m)} : C(0);"
+        f"        g{b}_{m} = (u < {mul}) ? {g_at(_elem(off, d, m))} : C(0);"
         for b, (off, d, mul) in sorted(out.items()) for m in range(d)]
     if spec.kind == KIND_DOUBLE:
         g_state = "    scalar_t " + ", ".join(f"{n} = C(0)" for n in g_names) + ";"
@@ -892,6 +893,44 @@ def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
 def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
     """Static shared memory of one block of the kernel, from its ``stage_words``."""
     return sum(words) * SCALAR_BYTES[spec.dtype] * WARPS_PER_BLOCK
+
+
+#: The values :func:`table_choices` returns, in order: KernelSpec fields, then the output-part budget.
+TABLE_CHOICE_FIELDS = ("min_blocks", "prefetch", "stream_w", "dy_atomic", "coalesced_dx", "need_gg", "vector_dx",
+                       "stage", "stage_ahead", "unroll", "pointer_x_loads", "stream_rows", "part_words")
+
+
+def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode: int, need_dy: bool,
+                  need_gg: bool) -> tuple:
+    """What this module's per-kernel tables choose for a launch (values of TABLE_CHOICE_FIELDS: KernelSpec
+    fields, then the output-part budget that :func:`parts_for` splits by). The one place that reads the
+    tables: a launch's spec is memoised by these values, so a table changed at run time (a sweep, a test)
+    selects a new kernel."""
+    need_gg = need_gg or kind != KIND_DOUBLE
+    coalesced_dx = COALESCED_DX_ATOMICS.get(dtype, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
+    stage = "" if kind == KIND_GRAD_X else STAGED_ROWS.get((kind, dtype), "")
+    if "b" in stage and not bulk_rows_aligned(plan, dtype):  # bulk copies need 16-byte slices
+        stage = stage.replace("b", "")
+    part_words = PART_MAX_LANE_WORDS.get(kind, 1 << 30)
+    if kind == KIND_DOUBLE and not need_gg:
+        part_words = DOUBLE_NO_GG_MAX_LANE_WORDS.get(dtype, part_words)
+    return (
+        MIN_BLOCKS_PER_SM.get((kind, dtype), 0),
+        PREFETCH_EDGES.get((kind, dtype), 0),
+        STREAM_WEIGHTS.get((kind, dtype), False),
+        ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE),
+        coalesced_dx,
+        need_gg,
+        # 16-byte vector atomics need 16-byte aligned rows (the backend allocates the dx buffers, so their
+        # start is)
+        coalesced_dx and VECTOR_DX_ATOMICS.get((kind, dtype), False) and vector_rows_aligned(plan),
+        stage,
+        STAGE_AHEAD.get((kind, dtype), 1) if stage else 1,
+        SMALL_FORWARD_UNROLL.get(dtype, 1) if kind == KIND_FORWARD else 1,
+        POINTER_X_LOADS.get((kind, dtype, need_gg), False),
+        STREAM_RECEIVER_ROWS.get((kind, dtype), False) and kind != KIND_GRAD_X,
+        part_words,
+    )
 
 
 def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
