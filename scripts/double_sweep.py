@@ -9,7 +9,7 @@ and off (gx, gy, gw only: what a second pass from a constant upstream gradient a
 several output-part budgets (``codegen.DOUBLE_NO_GG_MAX_LANE_WORDS``; 0 = one part). Every run's gx, gy,
 gw are compared with the need_gg run's (max relative difference: rounding only, atomics' order). Then, at the
 default budget, need_gg off under each ``--min-blocks`` value (``codegen.MIN_BLOCKS_PER_SM[(KIND_DOUBLE,
-dtype)]``: a register cap of 65536 / (blocks * threads per block) per thread).
+dtype, False)]``: a register cap of 65536 / (blocks * threads per block) per thread).
 """
 import argparse
 import os
@@ -61,7 +61,7 @@ def main():
                 del res
             reset()
             for mb in a.min_blocks:
-                codegen.MIN_BLOCKS_PER_SM[(codegen.KIND_DOUBLE, dname)] = mb
+                P.set_switch(codegen.MIN_BLOCKS_PER_SM, codegen.KIND_DOUBLE, dname, mb)
                 res = call(False)
                 diff = P.maxrel(res[:3], ref[:3])
                 t = P.C.time_fn(lambda: call(False), dev, 3, 20)["median_ms"]

@@ -36,9 +36,6 @@ def main():
     C.gpu_warmup(dev)
     default_unroll = dict(codegen.SMALL_FORWARD_UNROLL)
     default_min_blocks = dict(codegen.MIN_BLOCKS_PER_SM)
-    # the backend leaves forwards that unroll their edge loop uncapped (codegen.launch_min_blocks); this sweep
-    # crosses the two, so the cap applies as set here
-    codegen.launch_min_blocks = lambda plan, spec: spec.min_blocks
     for cfg in a.configs:
         node, sh, mid, ins = mace_conv_args(cfg)
         plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
@@ -51,7 +48,9 @@ def main():
             for unroll in a.unrolls:
                 for mb in a.min_blocks:
                     codegen.SMALL_FORWARD_UNROLL = {**default_unroll, dname: unroll}
-                    codegen.MIN_BLOCKS_PER_SM[(codegen.KIND_FORWARD, dname)] = mb
+                    # crossed with the unroll: the cap applies whether or not the forward unrolls
+                    for unrolled in (False, True):
+                        codegen.MIN_BLOCKS_PER_SM[(codegen.KIND_FORWARD, dname, unrolled)] = mb
                     out = B.forward(plan, x, y, w, s, r, n)
                     same = bool(torch.equal(out, ref))
                     t = C.time_fn(lambda: B.forward(plan, x, y, w, s, r, n), dev, 5, 30)["median_ms"]

@@ -95,9 +95,13 @@ def restoring(*tables):
 
 def set_switch(table, kind: int, dname: str, value) -> None:
     """Set a per-kernel entry of one of codegen's tables for (kind, dtype): POINTER_X_LOADS is keyed by need_gg
-    too, so both of its entries are set (each call reads its own)."""
+    too, so both of its entries are set (each call reads its own); MIN_BLOCKS_PER_SM by whether the kernel
+    unrolls its edge loop, and only the entry for kernels that do not is set (the unrolled layer-0 forwards
+    keep theirs)."""
     if table is codegen.POINTER_X_LOADS:
         table[(kind, dname, True)] = table[(kind, dname, False)] = value
+    elif table is codegen.MIN_BLOCKS_PER_SM:
+        table[(kind, dname, False)] = value
     else:
         table[(kind, dname)] = value
 

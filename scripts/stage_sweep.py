@@ -46,7 +46,7 @@ def main():
         reset()
         codegen.STAGE_AHEAD[(kind, dname)] = ahead
         codegen.STAGED_ROWS[(kind, dname)] = stage
-        codegen.MIN_BLOCKS_PER_SM[(kind, dname)] = mb
+        P.set_switch(codegen.MIN_BLOCKS_PER_SM, kind, dname, mb)
         if pf is not None:
             codegen.PREFETCH_EDGES[(kind, dname)] = pf
 

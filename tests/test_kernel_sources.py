@@ -254,22 +254,25 @@ def test_forward_unroll_must_be_a_power_of_two(unroll, monkeypatch):
         B._spec(plan, KIND_FORWARD, "float32", True)
 
 
-def test_launch_min_blocks_skips_unrolled_forwards(monkeypatch):
-    """MIN_BLOCKS_PER_SM's register cap reaches the forwards that walk one edge per iteration (medium and
-    large layer 1) and not those that unroll their edge loop (layer 0), and shows in the rendered bounds."""
+def test_register_cap_is_chosen_apart_for_unrolled_forwards(monkeypatch):
+    """MIN_BLOCKS_PER_SM's entry for kernels that walk one edge per iteration reaches the medium and large
+    layer-1 forwards, and the one for kernels that unroll their edge loop reaches layer 0's (none by
+    default); the cap shows in the rendered bounds."""
     from mace_accel.backends import cuda as B
     from mace_accel.backends.cuda import codegen
 
-    monkeypatch.setattr(codegen, "MIN_BLOCKS_PER_SM", {(KIND_FORWARD, "float32"): 3})
-    monkeypatch.setattr(B, "_SPECS", {})
-    for layer, want in (("layer0", 0), ("medium1", 3), ("large1", 3)):
-        node, sh, mid, ins = mace_conv_args(layer)
-        plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
-        spec = B._spec(plan, KIND_FORWARD, "float32", True)
-        assert spec.min_blocks == want, layer
-        bounds = "__launch_bounds__(THREADS, 3)" if want else "__launch_bounds__(THREADS)"
-        assert bounds in render(plan, spec)["source"], layer
-        assert B._spec(plan, KIND_FORWARD, "float64", True).min_blocks == 0
+    assert codegen.MIN_BLOCKS_PER_SM == {(KIND_FORWARD, "float32", False): 3}
+    for table, wants in (({(KIND_FORWARD, "float32", False): 3}, (0, 3, 3)),
+                         ({(KIND_FORWARD, "float32", True): 2}, (2, 0, 0))):
+        monkeypatch.setattr(codegen, "MIN_BLOCKS_PER_SM", table)
+        for layer, want in zip(("layer0", "medium1", "large1"), wants):
+            node, sh, mid, ins = mace_conv_args(layer)
+            plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+            spec = B._spec(plan, KIND_FORWARD, "float32", True)
+            assert spec.min_blocks == want and codegen.unrolls_edge_loop(plan, spec) == (layer == "layer0"), layer
+            bounds = f"__launch_bounds__(THREADS, {want})" if want else "__launch_bounds__(THREADS)"
+            assert bounds in render(plan, spec)["source"], layer
+            assert B._spec(plan, KIND_FORWARD, "float64", True).min_blocks == 0
 
 
 def test_bulk_staged_rows_rules(tmp_path, monkeypatch):

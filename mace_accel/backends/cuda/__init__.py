@@ -228,10 +228,10 @@ def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_N
     spec = _SPECS.get(key)
     if spec is None:
         fields = dict(zip(codegen.TABLE_CHOICE_FIELDS, choices))
-        part_words = fields.pop("part_words")
+        part_words, min_blocks = fields.pop("part_words"), fields.pop("min_blocks_by_unroll")
         parts = parts_for(plan, kind, dt, dx_mode, max_words=part_words, need_gg=fields["need_gg"])
         spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp, parts, **fields)
-        spec = replace(spec, min_blocks=codegen.launch_min_blocks(plan, spec))
+        spec = replace(spec, min_blocks=min_blocks[codegen.unrolls_edge_loop(plan, spec)])
         spec = _SPECS[key] = codegen.fit_stage(plan, spec)
     return spec
 

@@ -130,16 +130,17 @@ PART_MAX_LANE_WORDS = {KIND_FORWARD: 96, KIND_BACKWARD: 96, KIND_DOUBLE: 96}
 DOUBLE_NO_GG_MAX_LANE_WORDS = {"float32": 96, "float64": 64}
 
 
-#: (kind, dtype) -> minimum resident blocks per SM asked of the compiler (``__launch_bounds__``; caps registers
-#: per thread at 65536 / (blocks * THREADS_PER_BLOCK)), for kernels that do not unroll their edge loop (the
-#: small forwards that do, layer 0, keep their own register count: see ``launch_min_blocks``). Kernel alone
+#: (kind, dtype, unrolled) -> minimum resident blocks per SM asked of the compiler (``__launch_bounds__``; caps
+#: registers per thread at 65536 / (blocks * THREADS_PER_BLOCK)); ``unrolled``: the kernel walks more than one
+#: edge per loop iteration in some part (SMALL_FORWARD_UNROLL: the layer-0 forwards, see
+#: ``unrolls_edge_loop``), which changes its register needs, so the two are chosen apart. Kernel alone
 #: on the H100 (scripts/layout_sweep.py --tables min_blocks, layout_sweep_min_blocks*_h100.txt), float32
 #: forward off -> 3: large layer 1 0.678 -> 0.617 ms (178 -> 168 registers: 3 blocks per SM instead of 2, no
 #: spills), medium 0.347 -> 0.334 (2 and 4 the same; layer 0 with its unroll 0.150 -> 0.174, hence the
 #: exception). Everything else lost or spilled: float64 forwards (large 1.21 -> 1.22-1.56), and with the
 #: non-binding 2 the backward and double kernels (medium float32 backward 0.756 -> 0.787, no-gg double 1.106
 #: -> 1.229); medium float32 no-gg double at 4 (167 -> 128 registers, no spills) 1.106 -> 1.118.
-MIN_BLOCKS_PER_SM: Dict[Tuple[int, str], int] = {(KIND_FORWARD, "float32"): 3}
+MIN_BLOCKS_PER_SM: Dict[Tuple[int, str, bool], int] = {(KIND_FORWARD, "float32", False): 3}
 
 
 #: (kind, dtype) -> edges ahead whose weight rows (W, and ggw in the double backward) a warp prefetches into
@@ -773,14 +774,11 @@ def _edge_unroll(paths, spec: KernelSpec) -> int:
     return spec.unroll if words <= UNROLL_MAX_ACC_WORDS else 1
 
 
-def launch_min_blocks(plan: TPPlan, spec: KernelSpec) -> int:
-    """The ``__launch_bounds__`` minimum blocks per SM to compile ``spec`` with: its ``min_blocks`` (from
-    MIN_BLOCKS_PER_SM), except for a forward that unrolls its edge loop in some part (SMALL_FORWARD_UNROLL),
-    which was tuned without a cap."""
+def unrolls_edge_loop(plan: TPPlan, spec: KernelSpec) -> bool:
+    """Whether ``spec`` walks more than one edge per loop iteration in some part (SMALL_FORWARD_UNROLL, where
+    a part's accumulators fit UNROLL_MAX_ACC_WORDS): the third key of MIN_BLOCKS_PER_SM."""
     parts = spec.parts or (tuple(range(len(plan.paths))),)
-    if any(_edge_unroll([plan.paths[i] for i in part], spec) > 1 for part in parts):
-        return 0
-    return spec.min_blocks
+    return any(_edge_unroll([plan.paths[i] for i in part], spec) > 1 for part in parts)
 
 
 def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) -> str:
@@ -895,8 +893,10 @@ def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
     return sum(words) * SCALAR_BYTES[spec.dtype] * WARPS_PER_BLOCK
 
 
-#: The values :func:`table_choices` returns, in order: KernelSpec fields, then the output-part budget.
-TABLE_CHOICE_FIELDS = ("min_blocks", "prefetch", "stream_w", "dy_atomic", "coalesced_dx", "need_gg", "vector_dx",
+#: The values :func:`table_choices` returns, in order: MIN_BLOCKS_PER_SM's entries for a kernel that walks one
+#: edge per iteration and for one that unrolls (the spec's ``min_blocks`` is picked once its parts are known),
+#: KernelSpec fields, then the output-part budget.
+TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "prefetch", "stream_w", "dy_atomic", "coalesced_dx", "need_gg", "vector_dx",
                        "stage", "stage_ahead", "unroll", "pointer_x_loads", "stream_rows", "part_words")
 
 
@@ -915,7 +915,7 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     if kind == KIND_DOUBLE and not need_gg:
         part_words = DOUBLE_NO_GG_MAX_LANE_WORDS.get(dtype, part_words)
     return (
-        MIN_BLOCKS_PER_SM.get((kind, dtype), 0),
+        (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
         PREFETCH_EDGES.get((kind, dtype), 0),
         STREAM_WEIGHTS.get((kind, dtype), False),
         ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE),
