@@ -66,17 +66,17 @@ def micro(dev, receiver, num_rows):
         print(f"micro {name}: host {min(_host_us(f) for _ in range(3)):.1f} us per call", flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="layer0")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--micro", action="store_true")
-    ap.add_argument("--no-cprofile", action="store_true")
-    a = ap.parse_args()
+def conv_calls(config: str, dname: str, edges: int = 0):
+    """(fwd, fwd_bwd, receiver, num_nodes) of our conv for a MACE-MP-0 layer config on the benchmark's Cu graph
+    (its first ``edges`` edges when given), as bench_conv calls it: the receiver grouping is forgotten before
+    each call; fwd_bwd = torch.autograd.grad of the output w.r.t. x, y, w."""
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev, announce=False)
-    dtype = getattr(torch, a.dtype)
-    node, sh, mid, ins = mace_conv_args(a.config)
+    if edges:
+        e = min(edges, e)
+        s, r = s[:e].contiguous(), r[:e].contiguous()
+    dtype = getattr(torch, dname)
+    node, sh, mid, ins = mace_conv_args(config)
     with C.default_dtype(dtype):
         conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False).to(dev)
     x = torch.randn(n, node.dim, device=dev, dtype=dtype, requires_grad=True)
@@ -90,6 +90,19 @@ def main():
 
     def fwd_bwd():
         return torch.autograd.grad(fwd(), (x, y, w), g)
+
+    return fwd, fwd_bwd, r, n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="layer0")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--no-cprofile", action="store_true")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    fwd, fwd_bwd, r, n = conv_calls(a.config, a.dtype)
 
     if a.micro:
         micro(dev, r, n)

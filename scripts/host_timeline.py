@@ -18,12 +18,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import _common as C  # noqa: E402
 import torch  # noqa: E402
+from host_profile import conv_calls  # noqa: E402
 
-import mace_accel  # noqa: E402
 from mace_accel.backends import cuda as B  # noqa: E402
-from tp_cases import mace_conv_args  # noqa: E402
 
 _STAMPS = []
 
@@ -72,22 +70,8 @@ def main():
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--fine", action="store_true", help="also stamp torch's allocations and the backend helpers")
     a = ap.parse_args()
-    dev = torch.device("cuda")
-    s, r, n, e = C.cu_graph_on(dev, announce=False)
-    k = min(a.edges, e)
-    s, r = s[:k].contiguous(), r[:k].contiguous()
-    dtype = getattr(torch, a.dtype)
-    node, sh, mid, ins = mace_conv_args(a.config)
-    with C.default_dtype(dtype):
-        conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False).to(dev)
-    x = torch.randn(n, node.dim, device=dev, dtype=dtype, requires_grad=True)
-    y = torch.randn(k, sh.dim, device=dev, dtype=dtype, requires_grad=True)
-    w = torch.randn(k, conv.weight_numel, device=dev, dtype=dtype, requires_grad=True)
-    g = torch.randn(n, mid.dim, device=dev, dtype=dtype)
-
-    def fwd_bwd():
-        B._CSR_CACHE.clear()
-        return torch.autograd.grad(conv(x, y, w, s, r, n), (x, y, w), g)
+    _, fwd_bwd, r, n = conv_calls(a.config, a.dtype, a.edges)
+    k = r.shape[0]
 
     for _ in range(20):  # compile, warm the caches
         fwd_bwd()
