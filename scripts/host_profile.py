@@ -36,7 +36,7 @@ class _Identity(torch.autograd.Function):
         return g
 
 
-def _host_us(fn, calls=300):
+def host_us(fn, calls=300):
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
@@ -63,7 +63,7 @@ def micro(dev, receiver, num_rows):
         "csr_unordered": lambda: B.csr_unordered(keys, num_rows),
     }
     for name, f in items.items():
-        print(f"micro {name}: host {min(_host_us(f) for _ in range(3)):.1f} us per call", flush=True)
+        print(f"micro {name}: host {min(host_us(f) for _ in range(3)):.1f} us per call", flush=True)
 
 
 def conv_calls(config: str, dname: str, edges: int = 0):

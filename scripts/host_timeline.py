@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import torch  # noqa: E402
-from host_profile import conv_calls  # noqa: E402
+from host_profile import conv_calls, host_us  # noqa: E402
 
 from mace_accel.backends import cuda as B  # noqa: E402
 
@@ -30,13 +30,15 @@ def _stamp(label):
     _STAMPS.append((label, time.perf_counter()))
 
 
-def _wrap(owner, name, label):
+def _wrap(owner, name, label, enter=None, leave=None):
+    """Replace ``owner.name`` by a call between two stamps (``label`` + " enter" / " exit" unless given)."""
     inner = getattr(owner, name)
+    enter, leave = enter or f"{label} enter", leave or f"{label} exit"
 
     def wrapped(*args, **kw):
-        _stamp(f"{label} enter")
+        _stamp(enter)
         out = inner(*args, **kw)
-        _stamp(f"{label} exit")
+        _stamp(leave)
         return out
 
     setattr(owner, name, wrapped)
@@ -52,14 +54,7 @@ def instrument(fine: bool):
     _wrap(B, "forward", "backend.forward")
     _wrap(B, "backward", "backend.backward")
     _wrap(B, "graph_csr", "graph_csr")
-    inner = B.run_on_torch_stream
-
-    def launch(fn, device, blocks, threads, args):
-        _stamp("launch")
-        inner(fn, device, blocks, threads, args)
-        _stamp("launched")
-
-    B.run_on_torch_stream = launch
+    _wrap(B, "run_on_torch_stream", "", enter="launch", leave="launched")
 
 
 def main():
@@ -73,14 +68,7 @@ def main():
     _, fwd_bwd, r, n = conv_calls(a.config, a.dtype, a.edges)
     k = r.shape[0]
 
-    for _ in range(20):  # compile, warm the caches
-        fwd_bwd()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(a.calls):
-        fwd_bwd()
-    plain = (time.perf_counter() - t0) / a.calls * 1e6
-    torch.cuda.synchronize()
+    plain = host_us(fwd_bwd, a.calls)  # after 20 warm-up calls (compile, caches)
     instrument(a.fine)
     runs = []
     for _ in range(a.calls):

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
+from part_sweep import restoring  # noqa: E402
 
 from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.backends.cuda import codegen  # noqa: E402
@@ -34,8 +35,7 @@ def main():
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev)
     C.gpu_warmup(dev)
-    default_unroll = dict(codegen.SMALL_FORWARD_UNROLL)
-    default_min_blocks = dict(codegen.MIN_BLOCKS_PER_SM)
+    reset = restoring(codegen.SMALL_FORWARD_UNROLL, codegen.MIN_BLOCKS_PER_SM)
     for cfg in a.configs:
         node, sh, mid, ins = mace_conv_args(cfg)
         plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
@@ -47,7 +47,7 @@ def main():
             ref = B.forward(plan, x, y, w, s, r, n)
             for unroll in a.unrolls:
                 for mb in a.min_blocks:
-                    codegen.SMALL_FORWARD_UNROLL = {**default_unroll, dname: unroll}
+                    codegen.SMALL_FORWARD_UNROLL[dname] = unroll
                     # crossed with the unroll: the cap applies whether or not the forward unrolls
                     for unrolled in (False, True):
                         codegen.MIN_BLOCKS_PER_SM[(codegen.KIND_FORWARD, dname, unrolled)] = mb
@@ -56,9 +56,7 @@ def main():
                     t = C.time_fn(lambda: B.forward(plan, x, y, w, s, r, n), dev, 5, 30)["median_ms"]
                     print(f"{cfg:8s} {dname} fwd unroll {unroll} min_blocks {mb}: {t:.3f} ms  bitwise equal {same}",
                           flush=True)
-            codegen.SMALL_FORWARD_UNROLL = default_unroll
-            codegen.MIN_BLOCKS_PER_SM.clear()
-            codegen.MIN_BLOCKS_PER_SM.update(default_min_blocks)
+            reset()
 
 
 if __name__ == "__main__":

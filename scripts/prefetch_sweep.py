@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
-from part_sweep import KINDS, mp0_plans, restoring, run_sweep  # noqa: E402
+from part_sweep import KINDS, mp0_plans, restoring, run_sweep, set_switch  # noqa: E402
 
 from mace_accel.backends.cuda import codegen  # noqa: E402
 
@@ -31,17 +31,12 @@ def main():
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     ap.add_argument("--kinds", nargs="*", default=list(KINDS))
     a = ap.parse_args()
-    table = codegen.PREFETCH_EDGES
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev)
     plans = mp0_plans(a.configs)
-    reset = restoring(table)
-
-    def apply(kind, dname, setting):
-        table[(kind, dname)] = setting
-
-    run_sweep(a, plans, (s, r, n, e), dev, a.distances, apply, lambda plan, kname, dname, d: f"prefetch {d:2d}",
-              reset)
+    run_sweep(a, plans, (s, r, n, e), dev, a.distances,
+              lambda kind, dname, d: set_switch(codegen.PREFETCH_EDGES, kind, dname, d),
+              lambda plan, kname, dname, d: f"prefetch {d:2d}", restoring(codegen.PREFETCH_EDGES))
 
 
 if __name__ == "__main__":

@@ -217,15 +217,22 @@ def out_values_per_lane(kind: int, need_gg: bool = True) -> int:
     return 2 if kind == KIND_DOUBLE and need_gg else 1
 
 
+def part_budget(kind: int, dtype: str, need_gg: bool = True) -> int:
+    """Per-lane output words a warp may hold before the kernel's paths are split into parts: PART_MAX_LANE_WORDS,
+    or DOUBLE_NO_GG_MAX_LANE_WORDS for the fused double backward without d/dgout."""
+    budget = PART_MAX_LANE_WORDS.get(kind, 1 << 30)
+    if kind == KIND_DOUBLE and not need_gg:
+        budget = DOUBLE_NO_GG_MAX_LANE_WORDS.get(dtype, budget)
+    return budget
+
+
 def parts_for(plan: TPPlan, kind: int, dtype: str, dx_mode: int = DX_NONE,
               max_words: Optional[int] = None, need_gg: bool = True) -> Tuple[Tuple[int, ...], ...]:
     """The output parts a kernel of this kind runs with (``()``: one part). Kinds that store a per-edge or
     per-sender row with plain stores (grad-x; backward with DX_STORE) need every path in one warp."""
     if kind == KIND_GRAD_X or dx_mode == DX_STORE:
         return ()
-    budget = PART_MAX_LANE_WORDS.get(kind, 1 << 30) if max_words is None else max_words
-    if kind == KIND_DOUBLE and not need_gg and max_words is None:
-        budget = DOUBLE_NO_GG_MAX_LANE_WORDS.get(dtype, budget)
+    budget = part_budget(kind, dtype, need_gg) if max_words is None else max_words
     per_value = register_words(dtype) * out_values_per_lane(kind, need_gg)
     parts = split_outputs(plan, max(1, budget // per_value))
     return () if len(parts) == 1 else parts
@@ -896,8 +903,8 @@ def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
 #: The values :func:`table_choices` returns, in order: MIN_BLOCKS_PER_SM's entries for a kernel that walks one
 #: edge per iteration and for one that unrolls (the spec's ``min_blocks`` is picked once its parts are known),
 #: KernelSpec fields, then the output-part budget.
-TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "prefetch", "stream_w", "dy_atomic", "coalesced_dx", "need_gg", "vector_dx",
-                       "stage", "stage_ahead", "unroll", "pointer_x_loads", "stream_rows", "part_words")
+TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "prefetch", "stream_w", "dy_atomic", "coalesced_dx", "need_gg",
+                       "vector_dx", "stage", "stage_ahead", "unroll", "pointer_x_loads", "stream_rows", "part_words")
 
 
 def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode: int, need_dy: bool,
@@ -911,9 +918,6 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     stage = "" if kind == KIND_GRAD_X else STAGED_ROWS.get((kind, dtype), "")
     if "b" in stage and not bulk_rows_aligned(plan, dtype):  # bulk copies need 16-byte slices
         stage = stage.replace("b", "")
-    part_words = PART_MAX_LANE_WORDS.get(kind, 1 << 30)
-    if kind == KIND_DOUBLE and not need_gg:
-        part_words = DOUBLE_NO_GG_MAX_LANE_WORDS.get(dtype, part_words)
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
         PREFETCH_EDGES.get((kind, dtype), 0),
@@ -929,7 +933,7 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
         SMALL_FORWARD_UNROLL.get(dtype, 1) if kind == KIND_FORWARD else 1,
         POINTER_X_LOADS.get((kind, dtype, need_gg), False),
         STREAM_RECEIVER_ROWS.get((kind, dtype), False) and kind != KIND_GRAD_X,
-        part_words,
+        part_budget(kind, dtype, need_gg),
     )
 
 
