@@ -1,11 +1,14 @@
 // mace_accel: receiver-grouped edge order (CSR) without a sort, for the kernels whose summation order within a
 // row may vary from run to run (the atomic variant). Rendered by mace_accel/backends/cuda/__init__.py.
-//   csr_count: counts[k + 1] += 1 for every key k (counts zeroed; counts[0] stays 0, so an inclusive prefix
-//              sum of counts is the row pointer seg_ptr[0..rows]); the block that finishes last writes that
-//              prefix sum (one launch instead of a count kernel and a separate scan)
-//   csr_place: perm[seg_ptr[k] + (arrival order within row k)] = edge
-// Keys outside [0, rows) are skipped (the modules validate indices first unless check_inputs=False; skipping
-// keeps an unchecked bad index from writing out of bounds).
+//   csr_count: counts[k + 1] += 1 for every key k (counts[0] stays 0, so an inclusive prefix sum of counts is
+//              the row pointer seg_ptr[0..rows]); the block that finishes last writes that prefix sum (one
+//              launch instead of a count kernel and a separate scan) and resets the blocks-done ticket
+//   csr_place: perm[seg_ptr[k] + atomicSub(&counts[k + 1], 1) - 1] = edge (slots taken from the row's end)
+// The counters are a persistent per-stream workspace that these two kernels leave zeroed: every count that
+// csr_count adds, csr_place takes away again, and the ticket is reset by the block that read it last. So no
+// launch has to clear them first (a torch.zeros is ~10-30 us of host time).
+// Keys outside [0, rows) are skipped by both kernels (the modules validate indices first unless
+// check_inputs=False; skipping keeps an unchecked bad index from writing out of bounds).
 typedef long long index_t;
 
 #define CSR_WARP 32
@@ -41,8 +44,8 @@ __device__ __forceinline__ index_t csr_block_exclusive(index_t v, index_t* warp_
     return before;
 }
 
-// counters: counts[rows + 1] (counts[0] stays 0), then cursor[rows] (for csr_place), then one "blocks done"
-// ticket; all zeroed by the caller.
+// counters: counts[rows + 1] (counts[0] stays 0), then one "blocks done" ticket; zero on entry, and the ticket
+// zero again on exit (the counts go back to zero in csr_place).
 extern "C" __global__ void $$NAME$$_count(const index_t* __restrict__ keys, int* __restrict__ counters,
                                             index_t* __restrict__ seg_ptr, const index_t n, const index_t rows)
 {
@@ -57,10 +60,11 @@ extern "C" __global__ void $$NAME$$_count(const index_t* __restrict__ keys, int*
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
-        last = atomicAdd(reinterpret_cast<unsigned int*>(&counters[2 * rows + 1]), 1u) == gridDim.x - 1;
+        last = atomicAdd(reinterpret_cast<unsigned int*>(&counters[rows + 1]), 1u) == gridDim.x - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
+    if (threadIdx.x == 0) counters[rows + 1] = 0;  // every other block has taken its ticket: ready for reuse
     index_t carry = 0;
     const index_t len = rows + 1, tile = (index_t)blockDim.x * CSR_SCAN_ITEMS;
     for (index_t base = 0; base < len; base += tile) {
@@ -83,11 +87,11 @@ extern "C" __global__ void $$NAME$$_count(const index_t* __restrict__ keys, int*
 }
 
 extern "C" __global__ void $$NAME$$_place(const index_t* __restrict__ keys, const index_t* __restrict__ seg_ptr,
-                                            int* __restrict__ cursor, index_t* __restrict__ perm,
+                                            int* __restrict__ counters, index_t* __restrict__ perm,
                                             const index_t n, const index_t rows)
 {
     const index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const index_t k = keys[i];
-    if (k >= 0 && k < rows) perm[seg_ptr[k] + atomicAdd(&cursor[k], 1)] = i;
+    if (k >= 0 && k < rows) perm[seg_ptr[k] + atomicSub(&counters[k + 1], 1) - 1] = i;
 }

@@ -11,6 +11,7 @@ torch.zeros, the unordered receiver grouping), so runs on different hosts can be
 """
 import argparse
 import cProfile
+import importlib
 import os
 import pstats
 import sys
@@ -36,15 +37,18 @@ class _Identity(torch.autograd.Function):
         return g
 
 
-def host_us(fn, calls=300):
+def host_us(fn, calls=300, sync=None):
+    """Host microseconds per call of ``fn`` over ``calls`` calls, after 20 warm-up calls (compile, caches);
+    ``sync`` (default torch.cuda.synchronize) runs before and after the timed calls."""
+    sync = sync or torch.cuda.synchronize
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     us = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
+    sync()
     return us
 
 
@@ -66,26 +70,34 @@ def micro(dev, receiver, num_rows):
         print(f"micro {name}: host {min(host_us(f) for _ in range(3)):.1f} us per call", flush=True)
 
 
-def conv_calls(config: str, dname: str, edges: int = 0):
+def conv_calls(config: str, dname: str, edges: int = 0, pkg=None, device: str = "cuda"):
     """(fwd, fwd_bwd, receiver, num_nodes) of our conv for a MACE-MP-0 layer config on the benchmark's Cu graph
     (its first ``edges`` edges when given), as bench_conv calls it: the receiver grouping is forgotten before
-    each call; fwd_bwd = torch.autograd.grad of the output w.r.t. x, y, w."""
-    dev = torch.device("cuda")
-    s, r, n, e = C.cu_graph_on(dev, announce=False)
-    if edges:
-        e = min(edges, e)
-        s, r = s[:e].contiguous(), r[:e].contiguous()
+    each call; fwd_bwd = torch.autograd.grad of the output w.r.t. x, y, w. ``pkg``: the mace_accel package to
+    use (default this tree's; scripts/host_ab.py passes a base revision's copy); ``device="cpu"``: a small
+    random graph on the CPU (for launch-stubbed runs)."""
+    pkg = pkg or mace_accel
+    backend = importlib.import_module(f"{pkg.__name__}.backends.cuda")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        s, r, n, e = C.cu_graph_on(dev, announce=False)
+        if edges:
+            e = min(edges, e)
+            s, r = s[:e].contiguous(), r[:e].contiguous()
+    else:
+        n, e = 64, 512
+        s, r = torch.randint(0, n, (e,)), torch.randint(0, n, (e,))
     dtype = getattr(torch, dname)
     node, sh, mid, ins = mace_conv_args(config)
     with C.default_dtype(dtype):
-        conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False).to(dev)
+        conv = pkg.TensorProductConv(node, sh, mid, ins, check_inputs=False).to(dev)
     x = torch.randn(n, node.dim, device=dev, dtype=dtype, requires_grad=True)
     y = torch.randn(e, sh.dim, device=dev, dtype=dtype, requires_grad=True)
     w = torch.randn(e, conv.weight_numel, device=dev, dtype=dtype, requires_grad=True)
     g = torch.randn(n, mid.dim, device=dev, dtype=dtype)
 
     def fwd():
-        B._CSR_CACHE.clear()
+        backend._CSR_CACHE.clear()
         return conv(x, y, w, s, r, n)
 
     def fwd_bwd():

@@ -221,6 +221,28 @@ def test_unordered_csr_groups_every_edge_once(num_rows, num_edges):
         bad[0] = num_rows + 5
         perm_b, seg_b = B.csr_unordered(bad, num_rows)
         assert int(seg_b[-1]) == num_edges - 1 and 0 not in set(perm_b[: num_edges - 1].tolist())
+    for counters in B._CSR_COUNTERS.values():  # the kernels leave their persistent workspace zeroed
+        assert not counters.any()
+
+
+def test_unordered_csr_workspace_reuse_across_sizes_and_streams():
+    """The persistent counters of csr_unordered: reused by calls with fewer and more rows (regrown), on a side
+    stream (its own workspace), and left zeroed after each; every call agrees with the stable sort."""
+    from mace_accel.backends import cuda as B
+
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    side = torch.cuda.Stream()
+    for num_rows, num_edges, stream in ((300, 5000, None), (40, 3000, None), (9000, 70000, None),
+                                        (300, 5000, side), (77, 900, None)):
+        with torch.cuda.stream(stream or torch.cuda.current_stream()):
+            keys = torch.randint(0, num_rows, (num_edges,), device=DEV, generator=gen)
+            perm, seg = B.csr_unordered(keys, num_rows)
+            _, seg_s = B.csr(keys, num_rows)
+            rows = torch.repeat_interleave(torch.arange(num_rows, device=DEV), seg_s[1:] - seg_s[:-1])
+            assert torch.equal(seg, seg_s) and torch.equal(keys[perm], rows)
+        torch.cuda.synchronize()
+        assert all(not c.any() for c in B._CSR_COUNTERS.values())
+    assert len(B._CSR_COUNTERS) >= 2  # the side stream has its own
 
 
 def test_empty_graph_cuda():

@@ -49,16 +49,29 @@ def engine_needs(ctx, index: int) -> bool:
     that the input requires grad; ``torch.autograd.grad(energy, positions)`` on a model with trainable weights
     does not need the weights' gradients (e.g. the product basis's per-node weights do not depend on
     positions), and the engine knows which nodes it will run."""
-    if not ctx.needs_input_grad[index]:
-        return False
+    return engine_needs_all(ctx, (index,))[0]
+
+
+def engine_needs_all(ctx, indices) -> Tuple[bool, ...]:
+    """:func:`engine_needs` for several inputs (``ctx.next_functions`` builds a tuple per access: read once)."""
+    needs = ctx.needs_input_grad
+    if not any(needs[i] for i in indices):
+        return (False,) * len(indices)
     try:
-        node = ctx.next_functions[index][0]
-        # A leaf's AccumulateGrad node: .backward() always runs it, and torch.autograd.grad() cannot be asked
-        # (it raises, and the raise costs ~30 us of host time per call): assume the gradient is used.
-        if node is None or type(node).__name__ == "AccumulateGrad":
-            return True
+        nodes = ctx.next_functions
+    except (AttributeError, RuntimeError):  # older torch
+        return tuple(bool(needs[i]) for i in indices)
+    return tuple(bool(needs[i]) and _will_run(nodes[i][0]) for i in indices)
+
+
+def _will_run(node) -> bool:
+    # A leaf's AccumulateGrad node: .backward() always runs it, and torch.autograd.grad() cannot be asked
+    # (it raises, and the raise costs ~30 us of host time per call): assume the gradient is used.
+    if node is None or type(node).__name__ == "AccumulateGrad":
+        return True
+    try:
         return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, IndexError, RuntimeError):  # older torch, or not inside an engine pass
+    except (AttributeError, RuntimeError):  # older torch, or not inside an engine pass
         return True
 
 
@@ -110,7 +123,7 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_backward(ctx, gout):
     x, y, w, sender, receiver = ctx.saved_tensors
-    nx, ny, nw = engine_needs(ctx, 0), engine_needs(ctx, 1), engine_needs(ctx, 2)
+    nx, ny, nw = engine_needs_all(ctx, (0, 1, 2))
     if not (nx or ny or nw):
         return (None,) * 8
     if not getattr(ctx, "eager", False):

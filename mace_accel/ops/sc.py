@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 
 from ..plan.sc import get_sc_plan
-from . import backend_for, engine_needs
+from . import backend_for, engine_needs_all
 
 _EMPTY = (0,)
 
@@ -57,7 +57,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, gout):
     x, wn = ctx.saved_tensors
-    nx, nw = engine_needs(ctx, 0), engine_needs(ctx, 1)
+    nx, nw = engine_needs_all(ctx, (0, 1))
     if not (nx or nw):
         return None, None, None
     if torch.is_grad_enabled():  # a graph is being built: differentiable formula

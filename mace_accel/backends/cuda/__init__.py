@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -91,9 +91,16 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     index = device_index(device)
     if "b" in spec.stage:  # bulk-staged weight rows: a weight view that does not start 16-byte aligned is copied
         W, W2 = (t.clone() if t is not None and t.data_ptr() % codegen.BULK_ALIGN_BYTES else t for t in (W, W2))
-    args = tuple([_ptr(t) for t in (X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2)]
-                 + [int(num_edges), int(num_items), int(w_stride)])
-    run_on_torch_stream(_function(plan, spec, index), device, -(-warps // WARPS_PER_BLOCK), THREADS_PER_BLOCK, args)
+    # spelled out rather than a comprehension over a helper: this runs for every launch (~3 us less host time)
+    args = (_NULL if X is None else X.data_ptr(), _NULL if Y is None else Y.data_ptr(),
+            _NULL if W is None else W.data_ptr(), _NULL if G is None else G.data_ptr(),
+            _NULL if sender is None else sender.data_ptr(), _NULL if receiver is None else receiver.data_ptr(),
+            _NULL if perm is None else perm.data_ptr(), _NULL if seg_ptr is None else seg_ptr.data_ptr(),
+            _NULL if OUT is None else OUT.data_ptr(), _NULL if DY is None else DY.data_ptr(),
+            _NULL if DW is None else DW.data_ptr(), _NULL if X2 is None else X2.data_ptr(),
+            _NULL if Y2 is None else Y2.data_ptr(), _NULL if W2 is None else W2.data_ptr(),
+            _NULL if OUT2 is None else OUT2.data_ptr(), int(num_edges), int(num_items), int(w_stride))
+    _launch_on(_function(plan, spec, index), index, -(-warps // WARPS_PER_BLOCK), THREADS_PER_BLOCK, args)
 
 
 def device_index(device: torch.device) -> int:
@@ -110,15 +117,25 @@ def _raw_stream(index: int) -> int:
 
 def run_on_torch_stream(fn, device: torch.device, blocks: int, threads: int, args) -> None:
     """Launch a compiled kernel on PyTorch's current stream of ``device`` (1-D grid)."""
-    import cupy
+    _launch_on(fn, device_index(device), blocks, threads, args)
 
-    index = device_index(device)
+
+def _launch_on(fn, index: int, blocks: int, threads: int, args) -> None:
+    """:func:`run_on_torch_stream` for a device index."""
     stream = _cupy_stream(_raw_stream(index), index)
-    if cupy.cuda.runtime.getDevice() == index:  # the common case: no device switch (enter/exit costs host time)
+    if _cupy_device() == index:  # the common case: no device switch (enter/exit costs host time)
         fn((blocks,), (threads,), args, stream=stream)
         return
+    import cupy
+
     with cupy.cuda.Device(index):
         fn((blocks,), (threads,), args, stream=stream)
+
+
+def _cupy_device() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
 
 
 #: Threads per block of the CSR-building kernels (one thread per edge).
@@ -132,10 +149,32 @@ def _csr_function(suffix: str, device_index: int):
         "source": codegen.fill_template(codegen.template_text("csr.cu"), {"NAME": name})})
 
 
-def csr_unordered(keys: torch.Tensor, num_rows: int):
+#: Persistent zeroed counters of csr_unordered, per (device index, raw stream): the CSR kernels leave them zeroed
+#: (kernels/csr.cu), so a call allocates and clears nothing for them. Stream-keyed, because two streams could run
+#: the kernels concurrently; regrown (a fresh zeroed buffer) when a graph has more rows.
+_CSR_COUNTERS: Dict[Tuple[int, int], torch.Tensor] = {}
+
+
+def _csr_counters(num_rows: int, device: torch.device, index: int, capturing: bool):
+    """(key, counters): counts[rows + 1] + blocks-done ticket, all zero. While a CUDA graph is being captured a
+    fresh zeroed buffer is used instead (key None; captured as a memset: a replay must not depend on a buffer
+    that may be regrown)."""
+    need = num_rows + 2
+    if capturing:
+        return None, torch.zeros(need, dtype=torch.int32, device=device)
+    key = (index, _raw_stream(index))
+    buf = _CSR_COUNTERS.get(key)
+    if buf is None or buf.numel() < need:
+        buf = _CSR_COUNTERS[key] = torch.zeros(max(need, 2 * (0 if buf is None else buf.numel())),
+                                               dtype=torch.int32, device=device)
+    return key, buf
+
+
+def csr_unordered(keys: torch.Tensor, num_rows: int, capturing: Optional[bool] = None):
     """(perm, seg_ptr) like :func:`csr`, but the order of the edges inside a row is the order in which atomics
-    arrived (varies between runs): a memset and two small kernels (count + prefix sum in the last block, then
-    place) instead of a radix sort. For the atomic variant only."""
+    arrived (varies between runs): two small kernels (count + prefix sum in the last block, then place) on a
+    persistent zeroed workspace instead of a radix sort. For the atomic variant only. ``capturing``: whether a
+    CUDA graph is being captured on the current stream (asked when None)."""
     if keys.dtype != torch.int64 or not keys.is_contiguous():
         keys = keys.to(torch.int64).contiguous()
     n, dev = keys.shape[0], keys.device
@@ -143,16 +182,19 @@ def csr_unordered(keys: torch.Tensor, num_rows: int):
     if n == 0:
         return perm, torch.zeros(num_rows + 1, dtype=torch.int64, device=dev)
     seg = torch.empty(num_rows + 1, dtype=torch.int64, device=dev)
-    # counts[rows + 1], cursor[rows], blocks-done ticket: one zeroed buffer
-    counters = torch.zeros(2 * num_rows + 2, dtype=torch.int32, device=dev)
     index = device_index(dev)
+    count, place = _csr_function("count", index), _csr_function("place", index)  # both compiled before either runs
+    if capturing is None:
+        capturing = torch.cuda.is_current_stream_capturing()
+    key, counters = _csr_counters(num_rows, dev, index, capturing)
     blocks = -(-n // CSR_THREADS)
-    args = (int(n), int(num_rows))
-    run_on_torch_stream(_csr_function("count", index), dev, blocks, CSR_THREADS,
-                        (_ptr(keys), _ptr(counters), _ptr(seg)) + args)
-    cursor = counters.data_ptr() + 4 * (num_rows + 1)
-    run_on_torch_stream(_csr_function("place", index), dev, blocks, CSR_THREADS,
-                        (_ptr(keys), _ptr(seg), cursor, _ptr(perm)) + args)
+    args = (keys.data_ptr(), counters.data_ptr(), seg.data_ptr(), int(n), int(num_rows))
+    try:
+        run_on_torch_stream(count, dev, blocks, CSR_THREADS, args)
+        run_on_torch_stream(place, dev, blocks, CSR_THREADS, (args[0], args[2], args[1], perm.data_ptr()) + args[3:])
+    except BaseException:
+        _CSR_COUNTERS.pop(key, None)  # the counts may be left non-zero: the next call starts from a fresh buffer
+        raise
     return perm, seg
 
 
@@ -178,16 +220,15 @@ def graph_csr(keys: torch.Tensor, num_rows: int, stable: bool = True):
     cannot be reused while cached, and any in-place change bumps the version. Not used while a CUDA graph is
     being captured: a replay must recompute the order from the (possibly refilled) static index buffer.
     """
-    build = csr if stable else csr_unordered
     if torch.cuda.is_current_stream_capturing():
-        return build(keys, num_rows)
+        return csr(keys, num_rows) if stable else csr_unordered(keys, num_rows, capturing=True)
     key = (keys.data_ptr(), keys.numel(), keys.stride(0) if keys.dim() else 1, keys._version, num_rows,
            keys.dtype, keys.device, stable)
     hit = _CSR_CACHE.get(key)
     if hit is not None:
         _CSR_CACHE.move_to_end(key)
         return hit[1], hit[2]
-    perm, seg = build(keys, num_rows)
+    perm, seg = csr(keys, num_rows) if stable else csr_unordered(keys, num_rows, capturing=False)
     _CSR_CACHE[key] = (keys, perm, seg)
     while len(_CSR_CACHE) > _CSR_CACHE_SIZE:
         _CSR_CACHE.popitem(last=False)
