@@ -474,11 +474,11 @@ def _scaled_x(code: _Code, p):
         code(f"  const scalar_t wx{i} = w * x{p.in1_block}_{i};")
 
 
-def _forward_body(paths, code: _Code, in1, in2, st: _Stage, pointer_x: bool):
+def _forward_body(paths, spec: KernelSpec, code: _Code, in1, in2, st: _Stage):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     _y_loads(code, in2)
-    _load_rows(code, "x", "x_row", in1, st, pointer_x)
+    _load_rows(code, "x", "x_row", in1, st, spec.pointer_x_loads)
     for p in paths:
         o2 = p.in2_offset
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}, {len(p.nonzeros)} nonzeros")
@@ -557,10 +557,10 @@ def _grad_x_body(paths, code: _Code, in1, in2, out):
         code("}")
 
 
-def _double_body(paths, code: _Code, in1, in2, all_in2, st: _Stage, coalesced: bool, need_gg: bool = True,
-                 vector: bool = False, pointer_x: bool = False):
+def _double_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: _Stage):
     """Fused double backward (KIND 3); see the kernel template's header for the four outputs (gg only when
-    ``need_gg``)."""
+    ``spec.need_gg``)."""
+    need_gg, pointer_x = spec.need_gg, spec.pointer_x_loads
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
     code("const scalar_t* __restrict__ xa_row = X2 + s * D1;")
@@ -598,7 +598,7 @@ def _double_body(paths, code: _Code, in1, in2, all_in2, st: _Stage, coalesced: b
             _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"z{i}", lambda k: f"g{ob}_{k}"))
         code("}")
     _emit_dy_reduce(code, in2, all_in2)
-    _emit_dx_atomic(code, in1, "OUT + s * D1", coalesced, vector)
+    _emit_dx_atomic(code, in1, "OUT + s * D1", spec.coalesced_dx, spec.vector_dx)
 
 
 #: dtype -> whether the per-edge atomics into the sender's gradient row go through the warp's shared-memory
@@ -795,7 +795,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     body = _Code(8)
     st = _Stage(spec, paths, in1)
     if spec.kind == KIND_FORWARD:
-        _forward_body(paths, body, in1, in2, st, spec.pointer_x_loads)
+        _forward_body(paths, spec, body, in1, in2, st)
         acc_blocks, row_dim = out, "DO"
     elif spec.kind == KIND_BACKWARD:
         _backward_body(paths, spec, body, in1, in2, all_in2, st)
@@ -809,8 +809,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         if spec.segmented and spec.need_gg:  # the gg accumulators are flushed with atomics at run ends
             raise ValueError("the fused double backward with d/dgout runs over receiver-sorted runs "
                              "(segmented=False)")
-        _double_body(paths, body, in1, in2, all_in2, st, spec.coalesced_dx, spec.need_gg, spec.vector_dx,
-                     spec.pointer_x_loads)
+        _double_body(paths, spec, body, in1, in2, all_in2, st)
         acc_blocks, row_dim = out, "DO"
     else:
         raise ValueError(f"unknown kernel kind {spec.kind}")
