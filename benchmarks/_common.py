@@ -179,6 +179,23 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int,
             "reps": len(times), "warmup": warmup, "times": times}
 
 
+def pin_threads(cores=None):
+    """Set the CPU affinity of every thread of this process to ``cores`` (None: all of the machine's cores);
+    threads it starts later inherit the affinity of the thread that starts them. Returns the sorted cores.
+
+    Why (scripts/host_affinity.py, ``host_affinity_h100.txt``): on the lent H100's virtual machine a host-bound
+    fwd+bwd call spends much of its time in the hand-offs between the calling thread and the autograd engine's
+    CUDA worker thread; with both on one core those are cheap context switches instead of cross-core
+    wake-ups."""
+    cores = sorted(cores) if cores else list(range(os.cpu_count() or 1))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that has exited meanwhile
+            pass
+    return cores
+
+
 def gpu_warmup(device: torch.device, seconds: float = 2.0) -> None:
     """Keep the GPU busy for ``seconds`` before timing, so its clocks have left the idle state.
 

@@ -693,6 +693,9 @@ def parse_args(argv=None):
     p.add_argument("--ours-check-inputs", action="store_true",
                    help="time ours with input validation on (it reads index min/max: a host sync)")
     p.add_argument("--simulate-ref-failure", default="", help=argparse.SUPPRESS)  # tests: force the fallback
+    p.add_argument("--pin-cores", default="",
+                   help="comma-separated CPU cores: pin every thread of the process to them before the first "
+                        "timing (all implementations alike; default: no pinning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--graph-cache", default="/tmp", help="directory of the cached neighbour list ('' = none)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_conv_<gpu>_<time>.json)")
@@ -748,6 +751,9 @@ def main(argv=None) -> Dict[str, Any]:
     for k, v in peers.items():
         log(f"peer {k}: " + ("available" if v["available"] else f"unavailable: {v['reason']}")
             + f" (import {v['import_s']} s)")
+    if args.pin_cores:  # after the peers' imports (OpenEquivariance may build its extension): every thread
+        env["pinned_cores"] = C.pin_threads(int(c) for c in args.pin_cores.split(","))
+        log(f"threads pinned to cores {env['pinned_cores']}")
 
     report: Dict[str, Any] = {
         "benchmark": "bench_conv", "args": vars(args), "env": env,

@@ -184,3 +184,40 @@ def test_bench_sc_dry_run(tmp_path):
         if r["impl"] == "cueq" and r["status"] != "ok":
             assert r["status"] == "unavailable" and r["error"]
     assert {q["peer"] for q in rep["ratios"]} >= {"e3nn"}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_pin_threads_covers_running_and_later_threads():
+    """_common.pin_threads (bench_conv --pin-cores): every running thread and every thread started afterwards
+    gets the pinned cores; pin_threads(None) gives back all of them."""
+    import threading
+
+    _load("bench_conv")  # puts benchmarks/ on sys.path
+    import _common as C
+
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    started, seen = threading.Event(), {}
+    go = threading.Event()
+
+    def worker(key, wait):
+        started.set()
+        if wait:
+            go.wait(10)
+        seen[key] = os.sched_getaffinity(0)
+
+    early = threading.Thread(target=worker, args=("early", True))
+    early.start()
+    started.wait(10)
+    try:
+        assert C.pin_threads([core]) == [core]
+        go.set()
+        early.join(10)
+        late = threading.Thread(target=worker, args=("late", False))
+        late.start()
+        late.join(10)
+        assert seen["early"] == {core} and seen["late"] == {core} and os.sched_getaffinity(0) == {core}
+    finally:
+        go.set()
+        C.pin_threads(sorted(before))
+    assert os.sched_getaffinity(0) == before
