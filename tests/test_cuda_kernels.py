@@ -245,6 +245,54 @@ def test_unordered_csr_workspace_reuse_across_sizes_and_streams():
     assert len(B._CSR_COUNTERS) >= 2  # the side stream has its own
 
 
+def test_unordered_csr_threads_sharing_a_stream(monkeypatch):
+    """Two Python threads group different graphs on the same (default) stream while the first one pauses
+    between its count and place launches (the GIL is free then): the shared workspace must not take the second
+    thread's counts in between. Both groupings agree with the stable sort."""
+    import threading
+    import time
+
+    from mace_accel.backends import cuda as B
+
+    real, paused = B.run_on_torch_stream, threading.Event()
+
+    def slow_after_count(fn, device, blocks, threads, args):
+        real(fn, device, blocks, threads, args)
+        if threading.current_thread().name == "first" and not paused.is_set():
+            paused.set()
+            time.sleep(0.2)  # the second thread runs now
+
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    sizes = {"first": 700, "second": 500}
+    graphs = {name: torch.randint(0, rows, (20000,), device=DEV, generator=gen) for name, rows in sizes.items()}
+    B.csr_unordered(graphs["first"], 1000)  # the workspace fits both graphs: the second call reuses it
+    torch.cuda.synchronize()
+    monkeypatch.setattr(B, "run_on_torch_stream", slow_after_count)
+    got, errors = {}, []
+
+    def work(name):
+        try:
+            if name == "second":
+                paused.wait(5)
+            got[name] = (B.csr_unordered(graphs[name], sizes[name]), sizes[name])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,), name=n) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    torch.cuda.synchronize()
+    assert not errors and paused.is_set()
+    for name, ((perm, seg), rows) in got.items():
+        _, seg_s = B.csr(graphs[name], rows)
+        keys = graphs[name]
+        rows_of = torch.repeat_interleave(torch.arange(rows, device=DEV), seg_s[1:] - seg_s[:-1])
+        assert torch.equal(seg, seg_s) and torch.equal(keys[perm], rows_of), name
+    assert all(not c.any() for c in B._CSR_COUNTERS.values())
+
+
 def test_empty_graph_cuda():
     node, sh, mid, ins = mace_conv_args("medium1", mul=32)
     for det in (False, True):

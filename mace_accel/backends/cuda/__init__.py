@@ -153,6 +153,9 @@ def _csr_function(suffix: str, device_index: int):
 #: (kernels/csr.cu), so a call allocates and clears nothing for them. Stream-keyed, because two streams could run
 #: the kernels concurrently; regrown (a fresh zeroed buffer) when a graph has more rows.
 _CSR_COUNTERS: Dict[Tuple[int, int], torch.Tensor] = {}
+#: Held from taking the counters to the second launch: another Python thread on the same stream (the default
+#: stream is shared) must not enqueue its count kernel between this call's count and place kernels.
+_CSR_LOCK = threading.Lock()
 
 
 def _csr_counters(num_rows: int, device: torch.device, index: int, capturing: bool):
@@ -186,15 +189,17 @@ def csr_unordered(keys: torch.Tensor, num_rows: int, capturing: Optional[bool] =
     count, place = _csr_function("count", index), _csr_function("place", index)  # both compiled before either runs
     if capturing is None:
         capturing = torch.cuda.is_current_stream_capturing()
-    key, counters = _csr_counters(num_rows, dev, index, capturing)
     blocks = -(-n // CSR_THREADS)
-    args = (keys.data_ptr(), counters.data_ptr(), seg.data_ptr(), int(n), int(num_rows))
-    try:
-        run_on_torch_stream(count, dev, blocks, CSR_THREADS, args)
-        run_on_torch_stream(place, dev, blocks, CSR_THREADS, (args[0], args[2], args[1], perm.data_ptr()) + args[3:])
-    except BaseException:
-        _CSR_COUNTERS.pop(key, None)  # the counts may be left non-zero: the next call starts from a fresh buffer
-        raise
+    with _CSR_LOCK:
+        key, counters = _csr_counters(num_rows, dev, index, capturing)
+        args = (keys.data_ptr(), counters.data_ptr(), seg.data_ptr(), int(n), int(num_rows))
+        try:
+            run_on_torch_stream(count, dev, blocks, CSR_THREADS, args)
+            run_on_torch_stream(place, dev, blocks, CSR_THREADS,
+                                (args[0], args[2], args[1], perm.data_ptr()) + args[3:])
+        except BaseException:
+            _CSR_COUNTERS.pop(key, None)  # the counts may be left non-zero: the next call takes a fresh buffer
+            raise
     return perm, seg
 
 
