@@ -58,22 +58,6 @@ def make_base(rev: str, out_dir: str) -> None:
     print(f"{rev} -> {out_dir}/{BASE_NAME} (+ kernels/)")
 
 
-def _stub(pkg) -> None:
-    """The CUDA backend's launches, compiles and device queries as no-ops; CPU tensors routed to it."""
-    B = importlib.import_module(f"{pkg.__name__}.backends.cuda")
-    ops = importlib.import_module(f"{pkg.__name__}.ops")
-    for name, fn in (("run_on_torch_stream", lambda fn, device, blocks, threads, args: None),
-                     ("_launch_on", lambda fn, index, blocks, threads, args: None),
-                     ("device_index", lambda d: 0), ("_raw_stream", lambda index: 0),
-                     ("_function", lambda plan, spec, idx: None), ("_csr_function", lambda suffix, idx: None)):
-        if hasattr(B, name):
-            setattr(B, name, fn)
-    ops._BACKENDS[(False, "")] = B
-    import torch
-
-    torch.cuda.is_current_stream_capturing = lambda: False
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--make-base", nargs=2, metavar=("REV", "DIR"))
@@ -99,8 +83,10 @@ def main():
     base = importlib.import_module(BASE_NAME)
     pkgs = {"base": base, "this tree": mace_accel}
     if a.cpu_stub:
+        from host_cpu_stub import stub_backend
+
         for p in pkgs.values():
-            _stub(p)
+            stub_backend(p)
     sync = (lambda: None) if a.cpu_stub else torch.cuda.synchronize
     from host_profile import conv_calls, host_us
 

@@ -34,10 +34,11 @@ def main():
     for _ in range(20):
         fwd_bwd()
     torch.cuda.synchronize()
-    got = {"all cores": ([], []), f"pinned to {sorted(cores)}": ([], [])}
+    settings = (("all cores", None), (f"pinned to {sorted(cores)}", cores))
+    got = {name: ([], []) for name, _ in settings}
     print(f"{torch.cuda.get_device_name()}; {a.config} {a.dtype} fwd_bwd, full Cu graph; {os.cpu_count()} cores")
     for rnd in range(a.rounds):
-        for name, pin in (("all cores", None), (f"pinned to {sorted(cores)}", cores)):
+        for name, pin in settings:
             C.pin_threads(pin)
             ev = C.time_fn(fwd_bwd, dev, warmup=3, reps=20)["median_ms"] * 1e3
             host = host_us(fwd_bwd, 20)

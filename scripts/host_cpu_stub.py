@@ -11,6 +11,7 @@ The absolute numbers are this CPU's, not the GPU host's; the GPU-side view is sc
 """
 import argparse
 import cProfile
+import importlib
 import os
 import pstats
 import sys
@@ -19,22 +20,29 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # e3nn 0.4.4 on torch >= 2.6
 import torch  # noqa: E402
+from host_profile import conv_case  # noqa: E402
 
 import mace_accel  # noqa: E402
-from mace_accel import ops  # noqa: E402
-from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.plan import get_plan  # noqa: E402
-from tp_cases import mace_conv_args  # noqa: E402
+
+#: What stub_backend replaces in a package's CUDA backend (names a package lacks are skipped: scripts/host_ab.py
+#: stubs older revisions too, whose launches all went through run_on_torch_stream).
+_STUBS = (("run_on_torch_stream", lambda fn, device, blocks, threads, args: None),
+          ("_launch_on", lambda fn, index, blocks, threads, args: None),  # every kernel launch goes through it
+          ("device_index", lambda d: 0), ("_raw_stream", lambda index: 0),
+          ("_function", lambda plan, spec, idx: None), ("_csr_function", lambda suffix, idx: None))
 
 
-def stub_backend():
-    B._launch_on = lambda fn, index, blocks, threads, args: None  # every kernel launch goes through it
-    B.device_index = lambda d: 0
-    B._raw_stream = lambda index: 0
-    B._function = lambda plan, spec, idx: None
-    B._csr_function = lambda suffix, idx: None
+def stub_backend(pkg=None):
+    """Make ``pkg``'s (default this tree's mace_accel) CUDA backend launch, compile and query devices as no-ops,
+    and route CPU tensors to it."""
+    pkg = pkg or mace_accel
+    B = importlib.import_module(f"{pkg.__name__}.backends.cuda")
+    for name, fn in _STUBS:
+        if hasattr(B, name):
+            setattr(B, name, fn)
+    importlib.import_module(f"{pkg.__name__}.ops")._BACKENDS[(False, "")] = B  # CPU tensors -> CUDA host path
     torch.cuda.is_current_stream_capturing = lambda: False
-    ops._BACKENDS[(False, "")] = B  # CPU tensors -> the CUDA backend's host path
 
 
 def best_us(fn, calls=2000):
@@ -55,15 +63,9 @@ def main():
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     stub_backend()
-    node, sh, mid, ins = mace_conv_args(a.config)
-    conv = mace_accel.TensorProductConv(node, sh, mid, ins, check_inputs=False)
+    c = conv_case(a.config, "float32", device="cpu")
+    B, conv, x, y, w, g, s, r, n = c.backend, c.conv, c.x, c.y, c.w, c.g, c.s, c.r, c.n
     plan = get_plan(conv.plan.key)
-    n, e = 64, 512
-    x = torch.randn(n, node.dim, requires_grad=True)
-    y = torch.randn(e, sh.dim, requires_grad=True)
-    w = torch.randn(e, conv.weight_numel, requires_grad=True)
-    s, r = torch.randint(0, n, (e,)), torch.randint(0, n, (e,))
-    g = torch.randn(n, mid.dim)
     xd, yd, wd = x.detach(), y.detach(), w.detach()
 
     def fwd_bwd():

@@ -16,6 +16,7 @@ import os
 import pstats
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -70,14 +71,12 @@ def micro(dev, receiver, num_rows):
         print(f"micro {name}: host {min(host_us(f) for _ in range(3)):.1f} us per call", flush=True)
 
 
-def conv_calls(config: str, dname: str, edges: int = 0, pkg=None, device: str = "cuda"):
-    """(fwd, fwd_bwd, receiver, num_nodes) of our conv for a MACE-MP-0 layer config on the benchmark's Cu graph
-    (its first ``edges`` edges when given), as bench_conv calls it: the receiver grouping is forgotten before
-    each call; fwd_bwd = torch.autograd.grad of the output w.r.t. x, y, w. ``pkg``: the mace_accel package to
-    use (default this tree's; scripts/host_ab.py passes a base revision's copy); ``device="cpu"``: a small
-    random graph on the CPU (for launch-stubbed runs)."""
+def conv_case(config: str, dname: str, edges: int = 0, pkg=None, device: str = "cuda"):
+    """Our conv for a MACE-MP-0 layer config and its inputs, as a namespace (conv, backend, x, y, w requiring
+    grad, g, s, r, n): on the benchmark's Cu graph (its first ``edges`` edges when given), or with
+    ``device="cpu"`` on a small random graph (for launch-stubbed runs). ``pkg``: the mace_accel package to use
+    (default this tree's; scripts/host_ab.py passes a base revision's copy)."""
     pkg = pkg or mace_accel
-    backend = importlib.import_module(f"{pkg.__name__}.backends.cuda")
     dev = torch.device(device)
     if dev.type == "cuda":
         s, r, n, e = C.cu_graph_on(dev, announce=False)
@@ -91,19 +90,27 @@ def conv_calls(config: str, dname: str, edges: int = 0, pkg=None, device: str = 
     node, sh, mid, ins = mace_conv_args(config)
     with C.default_dtype(dtype):
         conv = pkg.TensorProductConv(node, sh, mid, ins, check_inputs=False).to(dev)
-    x = torch.randn(n, node.dim, device=dev, dtype=dtype, requires_grad=True)
-    y = torch.randn(e, sh.dim, device=dev, dtype=dtype, requires_grad=True)
-    w = torch.randn(e, conv.weight_numel, device=dev, dtype=dtype, requires_grad=True)
-    g = torch.randn(n, mid.dim, device=dev, dtype=dtype)
+    return SimpleNamespace(
+        conv=conv, backend=importlib.import_module(f"{pkg.__name__}.backends.cuda"), s=s, r=r, n=n,
+        x=torch.randn(n, node.dim, device=dev, dtype=dtype, requires_grad=True),
+        y=torch.randn(e, sh.dim, device=dev, dtype=dtype, requires_grad=True),
+        w=torch.randn(e, conv.weight_numel, device=dev, dtype=dtype, requires_grad=True),
+        g=torch.randn(n, mid.dim, device=dev, dtype=dtype))
+
+
+def conv_calls(config: str, dname: str, edges: int = 0, pkg=None, device: str = "cuda"):
+    """(fwd, fwd_bwd, receiver, num_nodes) of :func:`conv_case`'s conv, as bench_conv calls it: the receiver
+    grouping is forgotten before each call; fwd_bwd = torch.autograd.grad of the output w.r.t. x, y, w."""
+    c = conv_case(config, dname, edges, pkg, device)
 
     def fwd():
-        backend._CSR_CACHE.clear()
-        return conv(x, y, w, s, r, n)
+        c.backend._CSR_CACHE.clear()
+        return c.conv(c.x, c.y, c.w, c.s, c.r, c.n)
 
     def fwd_bwd():
-        return torch.autograd.grad(fwd(), (x, y, w), g)
+        return torch.autograd.grad(fwd(), (c.x, c.y, c.w), c.g)
 
-    return fwd, fwd_bwd, r, n
+    return fwd, fwd_bwd, c.r, c.n
 
 
 def main():

@@ -6,9 +6,9 @@ Runs ``torch.autograd.grad(conv(x, y, w, sender, receiver), (x, y, w), g)`` as b
 (receiver grouping forgotten before each call), on the first ``--edges`` edges of the benchmark's Cu graph, so
 that the GPU keeps up and every call measures host work only. The backend's entry points and each kernel launch
 are wrapped with ``time.perf_counter`` stamps (~0.3 us each); the script prints the median time between
-consecutive stamps over the calls, and the median host time from the call's start to the launch of its last
-kernel: with the GPU idle, that is what a CUDA-event timing of a host-bound call measures before the last
-kernel runs.
+consecutive stamps over the calls, the median host time from the call's start to the launch of its last kernel,
+and the whole call's. (bench_conv's unsynchronised event pairs read a host-bound call's whole host time per call:
+scripts/host_affinity.py.)
 """
 import argparse
 import os

@@ -202,6 +202,16 @@ def test_million_edge_graph(deterministic):
     assert rel(out.double(), ref) < 1e-5
 
 
+def _assert_groups_like_sort(keys, num_rows, perm, seg):
+    """(perm, seg) of csr_unordered: the stable sort's row pointers, and each row's segment holds exactly that
+    row's edges."""
+    from mace_accel.backends import cuda as B
+
+    _, seg_s = B.csr(keys, num_rows)
+    rows = torch.repeat_interleave(torch.arange(num_rows, device=DEV), seg_s[1:] - seg_s[:-1])
+    assert torch.equal(seg, seg_s) and torch.equal(keys[perm], rows)
+
+
 @pytest.mark.parametrize("num_rows,num_edges", [(1, 1), (7, 0), (50, 700), (3000, 200000)])
 def test_unordered_csr_groups_every_edge_once(num_rows, num_edges):
     """csr_unordered (atomic variant): the same row pointers as the stable sort, and each row's segment holds
@@ -211,11 +221,8 @@ def test_unordered_csr_groups_every_edge_once(num_rows, num_edges):
     keys = torch.randint(0, num_rows, (num_edges,), device=DEV)
     keys[: num_edges // 3] = keys[: num_edges // 3].sort().values  # sorted and unsorted stretches
     perm, seg = B.csr_unordered(keys, num_rows)
-    perm_s, seg_s = B.csr(keys, num_rows)
-    assert torch.equal(seg, seg_s)
+    _assert_groups_like_sort(keys, num_rows, perm, seg)
     assert torch.equal(perm.sort().values, torch.arange(num_edges, device=DEV))
-    rows = torch.repeat_interleave(torch.arange(num_rows, device=DEV), seg[1:] - seg[:-1])
-    assert torch.equal(keys[perm], rows)
     if num_edges:
         bad = keys.clone()
         bad[0] = num_rows + 5
@@ -236,10 +243,7 @@ def test_unordered_csr_workspace_reuse_across_sizes_and_streams():
                                         (300, 5000, side), (77, 900, None)):
         with torch.cuda.stream(stream or torch.cuda.current_stream()):
             keys = torch.randint(0, num_rows, (num_edges,), device=DEV, generator=gen)
-            perm, seg = B.csr_unordered(keys, num_rows)
-            _, seg_s = B.csr(keys, num_rows)
-            rows = torch.repeat_interleave(torch.arange(num_rows, device=DEV), seg_s[1:] - seg_s[:-1])
-            assert torch.equal(seg, seg_s) and torch.equal(keys[perm], rows)
+            _assert_groups_like_sort(keys, num_rows, *B.csr_unordered(keys, num_rows))
         torch.cuda.synchronize()
         assert all(not c.any() for c in B._CSR_COUNTERS.values())
     assert len(B._CSR_COUNTERS) >= 2  # the side stream has its own
@@ -286,10 +290,7 @@ def test_unordered_csr_threads_sharing_a_stream(monkeypatch):
     torch.cuda.synchronize()
     assert not errors and paused.is_set()
     for name, ((perm, seg), rows) in got.items():
-        _, seg_s = B.csr(graphs[name], rows)
-        keys = graphs[name]
-        rows_of = torch.repeat_interleave(torch.arange(rows, device=DEV), seg_s[1:] - seg_s[:-1])
-        assert torch.equal(seg, seg_s) and torch.equal(keys[perm], rows_of), name
+        _assert_groups_like_sort(graphs[name], rows, perm, seg)
     assert all(not c.any() for c in B._CSR_COUNTERS.values())
 
 

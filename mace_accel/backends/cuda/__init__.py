@@ -122,20 +122,14 @@ def run_on_torch_stream(fn, device: torch.device, blocks: int, threads: int, arg
 
 def _launch_on(fn, index: int, blocks: int, threads: int, args) -> None:
     """:func:`run_on_torch_stream` for a device index."""
+    import cupy
+
     stream = _cupy_stream(_raw_stream(index), index)
-    if _cupy_device() == index:  # the common case: no device switch (enter/exit costs host time)
+    if cupy.cuda.runtime.getDevice() == index:  # the common case: no device switch (enter/exit costs host time)
         fn((blocks,), (threads,), args, stream=stream)
         return
-    import cupy
-
     with cupy.cuda.Device(index):
         fn((blocks,), (threads,), args, stream=stream)
-
-
-def _cupy_device() -> int:
-    import cupy
-
-    return cupy.cuda.runtime.getDevice()
 
 
 #: Threads per block of the CSR-building kernels (one thread per edge).
