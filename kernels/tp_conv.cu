@@ -219,6 +219,104 @@ __device__ __forceinline__ void bulk_wait(unsigned long long* bar, const int buf
     phase ^= 1u << buffer;
 }
 
+// Whole-row ring (codegen stage "r"): the block's warps are the NCHUNK channel chunks of one work item, so
+// they contract the same edges in the same order and together use every value of each edge's weight row(s).
+// One lane (chunk 0) copies the whole row (W, and W2 in KIND 3) of an edge RING_AHEAD edges ahead into a
+// slot of a block-shared ring with one sm_90 bulk copy per row (a few KB each, no registers held); a "full"
+// mbarrier per slot counts the bytes in, an "empty" mbarrier per slot counts the threads that have finished
+// reading it (each thread arrives for its own reads, so every read is ordered before the slot's next copy
+// without relying on a warp barrier), and the copying lane waits on that before it reuses the slot. Slot of the edge at running
+// position t (within the item): t % buffers; its use number t / buffers gives the parity to wait on.
+// Before sm_90 no copies are made and the weights are read from global memory (RING_WEIGHT).
+template <int BUFFERS>
+__device__ __forceinline__ void ring_init(unsigned long long* bars)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) {
+        for (int b = 0; b < BUFFERS; ++b) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"
+                         :: "r"((unsigned)__cvta_generic_to_shared(bars + b)) : "memory");
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"
+                         :: "r"((unsigned)__cvta_generic_to_shared(bars + BUFFERS + b)), "r"(THREADS)
+                         : "memory");
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+#else
+    (void)bars;
+#endif
+    __syncthreads();
+}
+
+__device__ __forceinline__ void ring_wait_parity(unsigned long long* bar, const unsigned parity)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(bar);
+    unsigned done = 0;
+    while (!done) {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(addr), "r"(parity) : "memory");
+    }
+#else
+    (void)bar; (void)parity;
+#endif
+}
+
+// One lane: bring edge e's row(s) into slot `buffer` (running position t). Waits until every warp has
+// released the slot's previous edge (position t - BUFFERS).
+template <int BUFFERS>
+__device__ __forceinline__ void ring_issue(scalar_t* slot_rows, unsigned long long* bars, const int buffer,
+                                           const index_t t, const scalar_t* __restrict__ W,
+                                           const scalar_t* __restrict__ W2, const index_t e, const index_t w_stride)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (t >= BUFFERS) ring_wait_parity(bars + BUFFERS + buffer, (unsigned)((t / BUFFERS - 1) & 1));
+    const unsigned full = (unsigned)__cvta_generic_to_shared(bars + buffer);
+    const unsigned bytes = (unsigned)ROW_BYTES * ((KIND == 3) ? 2u : 1u);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(bytes) : "memory");
+    const scalar_t* rows[2] = {W + e * w_stride, (KIND == 3) ? W2 + e * w_stride : nullptr};
+#if STREAM_W
+    unsigned long long policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+#endif
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        if (rows[k] == nullptr) continue;
+#if STREAM_W
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+                     " [%0], [%1], %2, [%3], %4;"
+                     :: "r"((unsigned)__cvta_generic_to_shared(slot_rows + k * WN)),
+                        "l"(__cvta_generic_to_global(rows[k])), "r"((unsigned)ROW_BYTES), "r"(full), "l"(policy)
+                     : "memory");
+#else
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"((unsigned)__cvta_generic_to_shared(slot_rows + k * WN)),
+                        "l"(__cvta_generic_to_global(rows[k])), "r"((unsigned)ROW_BYTES), "r"(full)
+                     : "memory");
+#endif
+    }
+#else
+    (void)slot_rows; (void)bars; (void)buffer; (void)t; (void)W; (void)W2; (void)e; (void)w_stride;
+#endif
+}
+
+// Every thread: it has finished reading the slot (one arrival per thread on the slot's "empty" barrier).
+__device__ __forceinline__ void ring_release(unsigned long long* empty_bar)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"
+                 :: "r"((unsigned)__cvta_generic_to_shared(empty_bar)) : "memory");
+#else
+    (void)empty_bar;
+#endif
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define RING_WEIGHT(ring_expr, global_expr) (ring_expr)
+#else
+#define RING_WEIGHT(ring_expr, global_expr) (global_expr)
+#endif
+
 $$PARTS$$
 
 extern "C" __global__ void __launch_bounds__($$LAUNCH_BOUNDS$$) $$NAME$$(CONV_PARAMS)

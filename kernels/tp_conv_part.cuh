@@ -94,6 +94,7 @@ $$SEGMENT_LOAD$$
             const scalar_t* __restrict__ w2_row = W2 + e * w_stride;
 #endif
 $$EDGE_BODY$$
+$$STAGE_RELEASE$$
 #if !SEGMENTED
             if (last_of_run) {
 $$SEGMENT_END_ATOMIC$$

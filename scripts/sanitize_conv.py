@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--unroll", type=int, default=0)
     ap.add_argument("--cu-graph", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true", help="codegen.PREFETCH_EDGES off")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
+    ap.add_argument("--no-stream-weights", action="store_true", help="codegen.STREAM_WEIGHTS off")
     ap.add_argument("--bulk", action="store_true",
                     help='codegen.STAGED_ROWS "bx" two edges ahead for every kind (bulk copies + mbarriers)')
     a = ap.parse_args()
@@ -66,6 +68,8 @@ def main():
         codegen.SMALL_FORWARD_UNROLL = {"float32": a.unroll, "float64": a.unroll}
     if a.no_prefetch:
         codegen.PREFETCH_EDGES.clear()
+    if a.no_stream_weights:
+        codegen.STREAM_WEIGHTS.clear()
     gen = torch.Generator().manual_seed(0)
     if a.cu_graph:
         import _common as C
@@ -76,7 +80,7 @@ def main():
         n, e = 64, 1200
         sr = random_graph(n - 8, e, generator=gen)  # the last 8 nodes have no edges
     for cfg in a.configs:
-        for dtype in (torch.float32, torch.float64):
+        for dtype in (getattr(torch, d) for d in a.dtypes):
             for det in (False, True):
                 err = run_cell(cfg, dtype, det, n, e, sr, a.cu_graph, gen)
                 print(f"{cfg:8s} {str(dtype)[6:]} {'deterministic' if det else 'atomic':13s} forward rel err "

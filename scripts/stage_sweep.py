@@ -10,7 +10,9 @@ alone (receiver order memoised; CUDA events, median of 20 after 3 warm-ups) with
 staged settings again with ``__launch_bounds__`` asking for ``--min-blocks`` resident blocks (the staged
 kernels may need more registers than the plain ones). Each result is compared with the first setting's.
 ``--settings`` replaces that list: each STAGE:MIN_BLOCKS:PREFETCH[:AHEAD] ("none" for no stage; e.g.
-"b:0:0" bulk-staged weight rows without the L2 prefetch, which would read every weight sector from L2 twice).
+"b:0:0" bulk-staged weight rows without the L2 prefetch, which would read every weight sector from L2 twice;
+"r:0:0:3" the whole-row ring with 4 slots), or "default" for the tables as they are, "noring" for them
+without codegen.ROW_RING.
 """
 import argparse
 import os
@@ -37,15 +39,22 @@ def main():
     settings = [("", 0, None, 1), ("w", 0, None, 1), ("wx", 0, None, 1), ("w", a.min_blocks, None, 1),
                 ("wx", a.min_blocks, None, 1)]
     if a.settings:
-        settings = [("" if f[0] == "none" else f[0], int(f[1]), int(f[2]), int(f[3]) if len(f) > 3 else 1)
-                    for f in (t.split(":") for t in a.settings)]
-    reset = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM, codegen.PREFETCH_EDGES, codegen.STAGE_AHEAD)
+        settings = [t if t in ("default", "noring") else
+                    ("" if f[0] == "none" else f[0], int(f[1]), int(f[2]), int(f[3]) if len(f) > 3 else 1)
+                    for t, f in ((t, t.split(":")) for t in a.settings)]
+    reset = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM, codegen.PREFETCH_EDGES, codegen.STAGE_AHEAD,
+                        codegen.ROW_RING)
 
     def apply(kind, dname, setting):
-        stage, mb, pf, ahead = setting
         reset()
+        if setting in ("default", "noring"):  # the tables as they are (without the whole-row ring)
+            codegen.ROW_RING[(kind, dname)] = codegen.ROW_RING.get((kind, dname), 0) if setting == "default" else 0
+            return
+        stage, mb, pf, ahead = setting
+        codegen.ROW_RING[(kind, dname)] = ahead if stage == "r" else 0
         codegen.STAGE_AHEAD[(kind, dname)] = ahead
-        codegen.STAGED_ROWS[(kind, dname)] = stage
+        if stage != "r":
+            codegen.STAGED_ROWS[(kind, dname)] = stage
         P.set_switch(codegen.MIN_BLOCKS_PER_SM, kind, dname, mb)
         if pf is not None:
             codegen.PREFETCH_EDGES[(kind, dname)] = pf

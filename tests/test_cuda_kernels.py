@@ -458,6 +458,7 @@ def test_bulk_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch)
 
     kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
     monkeypatch.setattr(codegen, "STAGED_ROWS", {(k, dt): "bx" for k in kinds for dt in ("float32", "float64")})
+    monkeypatch.setattr(codegen, "ROW_RING", {})  # the staged rows, not the whole-row ring
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
     conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
@@ -492,6 +493,7 @@ def test_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
 
     kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
     monkeypatch.setattr(codegen, "STAGED_ROWS", {(k, dt): "wx" for k in kinds for dt in ("float32", "float64")})
+    monkeypatch.setattr(codegen, "ROW_RING", {})  # the staged rows, not the whole-row ring
     monkeypatch.setattr(B, "_SPECS", {})
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
     conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
@@ -501,6 +503,44 @@ def test_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
     x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=11)
     _check(conv, tp64, x, y, w, s, r, dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["layer0", "medium1", "large1"])
+def test_row_ring_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
+    """Every kernel kind with its whole weight rows brought into the block's ring (stage "r": bulk copies,
+    full / empty mbarriers; codegen.ROW_RING) matches e3nn to every derivative order, for rings of 2, 4 and 8
+    slots (as many as fit), on a graph whose receiver segments are shorter than a batch of 32 edges and on one
+    whose segments span several batches (the ring's slots and barrier phases run on across them). The
+    weights come in as a view that starts 4 bytes into its storage (the launch copies it to an aligned
+    buffer). Large layer 1 float64 splits into output parts, which the ring refuses: the tables' staged rows
+    take over there."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    dt = str(dtype)[6:]
+    for nodes, ahead in ((50, 3), (6, 1), (6, 7)):  # ~14 edges per receiver, then ~117 (four batches)
+        monkeypatch.setattr(codegen, "ROW_RING", {(k, d): ahead for k in kinds for d in ("float32", "float64")})
+        monkeypatch.setattr(B, "_SPECS", {})
+        spec = B._spec(conv.plan, codegen.KIND_FORWARD, dt, True)
+        refused = codegen.ring_refusal(conv.plan, spec, spec.num_parts)
+        assert (spec.stage == "r") == (not refused)
+        if spec.stage == "r":
+            assert "ring_issue<" in codegen.render(conv.plan, spec)["source"] and spec.prefetch == 0
+        x, y, w, s, r = _inputs(conv, nodes, 700, dtype, seed=23 + nodes + ahead)
+        _check(conv, tp64, x, y, w, s, r, dtype)
+        flat = torch.randn(w.numel() + 1, dtype=dtype, device=DEV)
+        w_odd = flat[1:].view_as(w)
+        w_odd.copy_(w)
+        assert w_odd.data_ptr() % codegen.BULK_ALIGN_BYTES
+        out = conv(x, y, w_odd, s, r)
+        assert rel(out.double(), e3nn_conv(tp64, x.double(), y.double(), w.double(), s, r, nodes)) < \
+            (1e-10 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

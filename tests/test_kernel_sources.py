@@ -306,6 +306,36 @@ def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
             assert codegen.stage_words(plan, spec)[1] * codegen.SCALAR_BYTES[dt] % codegen.BULK_ALIGN_BYTES == 0
     with pytest.raises(ValueError, match="stage_ahead"):
         KernelSpec(KIND_FORWARD, "float32", True, stage="b", stage_ahead=0)
+    from dataclasses import replace
+
+    # the whole-row ring ("r"): refused where a block is not one item's chunks (parts, few channels) or its
+    # slot count does not divide a batch; the tables' staged rows and prefetch take over there
+    ring = KernelSpec(KIND_BACKWARD, "float64", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="r",
+                      stage_ahead=3, parts=codegen.parts_for(plan, KIND_BACKWARD, "float64", DX_ATOMIC))
+    assert ring.num_parts > 1
+    assert "part" in codegen.ring_refusal(plan, ring, ring.num_parts)
+    with pytest.raises(ValueError, match="ring"):
+        render(plan, ring)
+    assert "power-of-two" in codegen.ring_refusal(plan, replace(ring, parts=(), stage_ahead=2), 1)
+    assert "chunk" in codegen.ring_refusal(odd, replace(ring, parts=()), 1)
+    monkeypatch.setattr(codegen, "ROW_RING", {(KIND_BACKWARD, "float64"): 3})
+    monkeypatch.setattr(codegen, "STAGED_ROWS", {(KIND_BACKWARD, "float64"): "wx"})
+    monkeypatch.setattr(codegen, "PREFETCH_EDGES", {(KIND_BACKWARD, "float64"): 1})
+    monkeypatch.setattr(B, "_SPECS", {})
+    fallback = B._spec(odd, KIND_BACKWARD, "float64", False, DX_ATOMIC, True, True)  # one chunk: 4 items a block
+    assert (fallback.stage, fallback.prefetch) == ("wx", 1)
+    node, sh, mid, ins = mace_conv_args("medium1", mul=128)
+    medium = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    ringed = B._spec(medium, KIND_BACKWARD, "float64", False, DX_ATOMIC, True, True)
+    assert (ringed.stage, ringed.stage_ahead, ringed.prefetch) == ("r", 3, 0)
+    src = render(medium, ringed)["source"]
+    assert "ring_issue<4>" in src and "ring_release(" in src and "row_stage = row_stage_all;" in src
+    # a ring that does not fit the block's shared memory gets fewer slots (large layer 1 float32 double: one
+    # slot holds two rows of 2176 values)
+    monkeypatch.setattr(codegen, "ROW_RING", {(KIND_DOUBLE, "float32"): 7})
+    big_ring = B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True, need_gg=False)
+    assert big_ring.stage == "r" and big_ring.stage_ahead == 1
+    assert codegen.smem_bytes(big_ring, codegen.stage_words(plan, big_ring)) <= codegen.SMEM_STATIC_MAX_BYTES
     assert codegen.smem_bytes(fit_stage(plan, big), codegen.stage_words(plan, fit_stage(plan, big))) \
         <= codegen.SMEM_STATIC_MAX_BYTES
     if shutil.which("nvcc") is None:

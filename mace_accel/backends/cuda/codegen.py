@@ -288,7 +288,7 @@ def _load_rows(code: _Code, prefix: str, base: str, blocks: Dict[int, tuple], st
 
 
 #: Values of ``KernelSpec.stage`` (see there and STAGED_ROWS).
-STAGE_CHOICES = ("", "w", "x", "wx", "b", "bx")
+STAGE_CHOICES = ("", "w", "x", "wx", "b", "bx", "r")
 #: Bytes of one mbarrier (the bulk-staged rows keep one per buffer, after the warp's buffers).
 MBARRIER_BYTES = 8
 #: Size and alignment granule of a bulk copy (cp.async.bulk): both addresses and the size are multiples.
@@ -304,6 +304,24 @@ def bulk_rows_aligned(plan: TPPlan, dtype: str) -> bool:
                     for p in plan.paths))
 
 
+def ring_refusal(plan: TPPlan, spec: KernelSpec, num_parts: int) -> str:
+    """Why the whole-row ring (stage "r") cannot serve this kernel ("" if it can): the block's warps must be the
+    channel chunks of one work item (so they walk the same edges), a row must be a whole number of 16-byte
+    bulk-copy granules and of per-lane slots, and the slot count must divide a batch of WARP_SIZE edges (the
+    slot of an edge is its position in the batch modulo the slot count)."""
+    buffers = spec.stage_ahead + 1
+    if num_parts * plan.num_chunks != WARPS_PER_BLOCK:
+        return (f"needs a block to be one work item: {num_parts} part(s) x {plan.num_chunks} chunk(s) "
+                f"!= {WARPS_PER_BLOCK} warps")
+    if plan.weight_numel % WARP_SIZE or plan.weight_numel * SCALAR_BYTES[spec.dtype] % BULK_ALIGN_BYTES:
+        return f"needs a weight row of a multiple of {WARP_SIZE} values, not {plan.weight_numel}"
+    if buffers & (buffers - 1) or WARP_SIZE % buffers:
+        return f"needs a power-of-two slot count that divides {WARP_SIZE}, not {buffers}"
+    if spec.kind == KIND_GRAD_X:
+        return "does not serve the grad-x kernel (it walks the receivers of a sender)"
+    return ""
+
+
 class _Stage:
     """The per-lane values of one edge that a kernel copies into shared memory one edge ahead, and where they
     sit: slot n of the warp's current buffer holds lane u's value at ``stg[n * WARP_SIZE + lane]``.
@@ -315,7 +333,7 @@ class _Stage:
     Keys: ("w", path) / ("v", path) for W / W2, (prefix, block, m) for X ("x") / X2 ("xa").
     """
 
-    def __init__(self, spec: KernelSpec, paths, in1):
+    def __init__(self, spec: KernelSpec, paths, in1, wn: int = 0):
         self.dtype = spec.dtype
         self.ahead = spec.stage_ahead
         self.buffers = spec.stage_ahead + 1
@@ -324,7 +342,13 @@ class _Stage:
         self.bulk: List[Tuple[int, int, str]] = []  # (slot, mul, source) of the bulk copies
         rows = spec.stage
         bulk = "b" in rows
-        if "w" in rows or bulk:
+        #: whole-row ring ("r"): block-shared slots of the full weight row(s), see ring_issue in tp_conv.cu
+        self.ring = "r" in rows
+        self.ring_rows = 2 if spec.kind == KIND_DOUBLE else 1
+        self.wn = wn
+        if self.ring:
+            self.ring_words = self.ring_rows * wn  # one slot
+        elif "w" in rows or bulk:
             srcs = [("w", "W")] + ([("v", "W2")] if spec.kind == KIND_DOUBLE else [])
             for key, arr in srcs:
                 for p in paths:
@@ -347,17 +371,28 @@ class _Stage:
     def has(self, *key) -> bool:
         return tuple(key) in self.slots
 
+    def slot_count(self) -> int:
+        """STAGE_SLOTS of the template: values per lane of one buffer (the ring: one slot's rows / WARP_SIZE)."""
+        return self.ring_words // WARP_SIZE if self.ring else len(self.slots)
+
     def read(self, *key) -> str:
         return f"stg[{self.slots[tuple(key)]} * WARP_SIZE + lane]"
 
     def weight(self, p, which: str = "w") -> str:
         """The lane's weight of path ``p`` (``which``: "w" W, "v" W2), staged or loaded."""
+        direct = f"LOAD_W({'w_row' if which == 'w' else 'w2_row'} + {p.weight_offset} + u)"
+        if self.ring:
+            return f"RING_WEIGHT(stg[{0 if which == 'w' else self.wn} + {p.weight_offset} + u], {direct})"
         if self.has(which, p.index):
             return self.read(which, p.index)
-        return f"LOAD_W({'w_row' if which == 'w' else 'w2_row'} + {p.weight_offset} + u)"
+        return direct
 
     def words(self) -> int:
-        """Elements per warp: the buffers of the slots, then (bulk) one mbarrier per buffer."""
+        """Elements per warp: the buffers of the slots, then (bulk) one mbarrier per buffer. The ring is shared
+        by the block's warps: its slots and two mbarriers per slot, divided over the warps (rounded up)."""
+        if self.ring:
+            bar_words = 2 * self.buffers * MBARRIER_BYTES // SCALAR_BYTES[self.dtype]
+            return -(-(self.buffers * self.ring_words + bar_words) // WARPS_PER_BLOCK)
         if not self.slots:
             return 0
         bars = 0
@@ -367,6 +402,10 @@ class _Stage:
         return self.buffers * WARP_SIZE * len(self.slots) + bars
 
     def init(self) -> str:
+        if self.ring:
+            return ("    unsigned long long* const stage_bars = reinterpret_cast<unsigned long long*>(\n"
+                    f"        row_stage + {self.buffers} * {self.ring_words});  // full[buffers], then empty[buffers]\n"
+                    f"    ring_init<{self.buffers}>(stage_bars);")
         if not self.bulk:
             return ""
         return ("    unsigned long long* const stage_bars = reinterpret_cast<unsigned long long*>(\n"
@@ -374,8 +413,13 @@ class _Stage:
                 "    unsigned stage_phase = 0;  // parity of each buffer's next phase\n"
                 f"    bulk_init<{self.buffers}>(stage_bars);")
 
-    def issue(self, e: str, s: str, buffer: str) -> str:
-        """Statements that copy edge ``e``'s values (sender row ``s``) into ``buffer``."""
+    def issue(self, e: str, s: str, buffer: str, pos: str = "") -> str:
+        """Statements that copy edge ``e``'s values (sender row ``s``) into ``buffer``; ``pos``: the edge's
+        position in the batch (the ring needs it: its running position in the item is base - p0 + pos)."""
+        if self.ring:  # every lane evaluates ``e`` (a shuffle); lane 0 of chunk 0 copies
+            return (f"{{ const index_t e_ring = {e}; if (chunk == 0 && lane == 0) ring_issue<{self.buffers}>("
+                    f"row_stage + ({buffer}) * {self.ring_words}, stage_bars, {buffer}, base - p0 + ({pos}), "
+                    "W, W2, e_ring, w_stride); }")
         if not self.slots:
             return ""
         lines = [f"{{ const index_t E = {e}; const index_t S = {s}; (void)E; (void)S;"]
@@ -400,12 +444,12 @@ class _Stage:
     def first(self) -> str:
         """The batch's first ``ahead`` edges into buffers 0 .. ahead - 1 (one cp.async group each, empty past
         the batch's end, so that the loop's group count stays fixed)."""
-        if not self.slots:
+        if not self.slots and not self.ring:
             return ""
         out = []
         for k in range(self.ahead):
             e, s = f"__shfl_sync(0xffffffffu, my_e, {k})", f"__shfl_sync(0xffffffffu, my_other, {k})"
-            out.append(f"if ({k} < batch) " + self.issue(e, s, str(k)))
+            out.append(f"if ({k} < batch) " + self.issue(e, s, str(k), str(k)))
             if self.copies:
                 out.append("stage_commit();")
         return "\n".join(out)
@@ -417,7 +461,16 @@ class _Stage:
             lines += ["                stage_commit();", f"                stage_wait_prev<{self.ahead}>();"]
         if self.bulk:
             lines.append("                bulk_wait(stage_bars + q % STAGE_BUFFERS, q % STAGE_BUFFERS, stage_phase);")
+        if self.ring:
+            lines.append("                ring_wait_parity(stage_bars + q % STAGE_BUFFERS, "
+                         "(unsigned)(((base - p0 + q) / STAGE_BUFFERS) & 1));")
         return "\n".join(lines)
+
+    def release(self) -> str:
+        """Statement after the edge's contraction: this thread is done with the ring slot of edge q."""
+        if not self.ring:
+            return ""
+        return "            ring_release(stage_bars + STAGE_BUFFERS + q % STAGE_BUFFERS);"
 
 
 def _y_loads(code: _Code, in2: Dict[int, tuple]):
@@ -793,7 +846,7 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
     in1, in2, out = _blocks(paths)
     all_in2 = _blocks(plan.paths)[1]
     body = _Code(8)
-    st = _Stage(spec, paths, in1)
+    st = _Stage(spec, paths, in1, plan.weight_numel)
     if spec.kind == KIND_FORWARD:
         _forward_body(paths, spec, body, in1, in2, st)
         acc_blocks, row_dim = out, "DO"
@@ -846,12 +899,13 @@ def _render_part(plan: TPPlan, spec: KernelSpec, paths, part: int, name: str) ->
         "SEGMENT_END_ATOMIC": end_atomic,
         "EDGE_BODY": body.text(),
         "EDGE_UNROLL": str(_edge_unroll(paths, spec)),
-        "STAGE_SLOTS": str(len(st.slots)),
+        "STAGE_SLOTS": str(st.slot_count()),
         "STAGE_INIT": st.init(),
         "STAGE_AHEAD": str(spec.stage_ahead),
         "STAGE_FIRST": st.first(),
-        "STAGE_NEXT": st.issue("e_next", "s_next", "(q + STAGE_AHEAD) % STAGE_BUFFERS"),
+        "STAGE_NEXT": st.issue("e_next", "s_next", "(q + STAGE_AHEAD) % STAGE_BUFFERS", "q + STAGE_AHEAD"),
         "STAGE_WAIT": st.wait(),
+        "STAGE_RELEASE": st.release(),
     })
 
 
@@ -878,6 +932,20 @@ STAGED_ROWS: Dict[Tuple[int, str], str] = {(KIND_BACKWARD, "float64"): "wx", (KI
 #: ahead (stage_sweep_bulk_h100.txt): float64 double without d/dgout "w" large 5.27-5.31 ms, medium 2.44-2.46,
 #: against 5.36 / 2.47 unstaged in the same run: within 2%, so one.
 STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
+#: (kind, dtype) -> edges ahead whose whole weight rows (and ggw's in the fused double backward) the block's
+#: ring holds (stage "r": one bulk copy per row into block-shared slots, ``ahead + 1`` of them; 0: off). It
+#: replaces STAGED_ROWS and the L2 prefetch where :func:`ring_refusal` allows it (the block's warps are the
+#: channel chunks of one item); elsewhere those apply. Why: the bare row traffic of these kernels in our edge
+#: order runs at 2.2-2.8 TB/s when many small warps keep it in flight (scripts/row_order_probe.py,
+#: row_order_probe_h100.txt), while our warps, holding a lane's whole state in registers, are 12-16 per SM.
+#: Kernel alone on the H100 (scripts/stage_sweep.py --settings default r:0:0:1 r:0:0:3 r:0:0:7,
+#: ring_sweep_h100.txt), default -> ring: float32 backward medium 0.756 -> 0.720 ms, large 1.446 -> 1.291 (layer
+#: 0 0.302 -> 0.303); float64 backward layer 0 0.598 -> 0.572, medium 1.504 -> 1.444; no-gg double float32
+#: layer 0 0.455 -> 0.434, medium 1.107 -> 1.036, large 1.935-1.951 (one edge ahead: what fits) against
+#: 2.095; float64 layer 0 0.842 -> 0.798. The forwards were slower (layer 0 float64 0.284 -> 0.379, large
+#: float32 0.647 -> 0.706): off there.
+ROW_RING: Dict[Tuple[int, str], int] = {(KIND_BACKWARD, "float32"): 1, (KIND_BACKWARD, "float64"): 3,
+                                        (KIND_DOUBLE, "float32"): 3, (KIND_DOUBLE, "float64"): 3}
 
 
 def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
@@ -890,7 +958,7 @@ def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
         if spec.kind == KIND_DOUBLE or spec.dx_mode == DX_ATOMIC:
             dx = max(dx, _dx_stage_words(in1, spec.coalesced_dx))
         if spec.stage:
-            row = max(row, _Stage(spec, paths, in1).words())
+            row = max(row, _Stage(spec, paths, in1, plan.weight_numel).words())
     return dx, row
 
 
@@ -914,12 +982,11 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     selects a new kernel."""
     need_gg = need_gg or kind != KIND_DOUBLE
     coalesced_dx = COALESCED_DX_ATOMICS.get(dtype, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
-    stage = "" if kind == KIND_GRAD_X else STAGED_ROWS.get((kind, dtype), "")
-    if "b" in stage and not bulk_rows_aligned(plan, dtype):  # bulk copies need 16-byte slices
-        stage = stage.replace("b", "")
+    ring = 0 if kind == KIND_GRAD_X else ROW_RING.get((kind, dtype), 0)
+    stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
-        PREFETCH_EDGES.get((kind, dtype), 0),
+        prefetch,
         STREAM_WEIGHTS.get((kind, dtype), False),
         ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE),
         coalesced_dx,
@@ -928,7 +995,7 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
         # start is)
         coalesced_dx and VECTOR_DX_ATOMICS.get((kind, dtype), False) and vector_rows_aligned(plan),
         stage,
-        STAGE_AHEAD.get((kind, dtype), 1) if stage else 1,
+        ahead,
         SMALL_FORWARD_UNROLL.get(dtype, 1) if kind == KIND_FORWARD else 1,
         POINTER_X_LOADS.get((kind, dtype, need_gg), False),
         STREAM_RECEIVER_ROWS.get((kind, dtype), False) and kind != KIND_GRAD_X,
@@ -936,11 +1003,27 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     )
 
 
+def staged_rows(plan: TPPlan, kind: int, dtype: str) -> Tuple[str, int, int]:
+    """(stage, stage_ahead, prefetch) from STAGED_ROWS, STAGE_AHEAD and PREFETCH_EDGES: what a kernel without
+    the whole-row ring uses."""
+    stage = "" if kind == KIND_GRAD_X else STAGED_ROWS.get((kind, dtype), "")
+    if "b" in stage and not bulk_rows_aligned(plan, dtype):  # bulk copies need 16-byte slices
+        stage = stage.replace("b", "")
+    return stage, (STAGE_AHEAD.get((kind, dtype), 1) if stage else 1), PREFETCH_EDGES.get((kind, dtype), 0)
+
+
 def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
-    """``spec`` with fewer staged rows ("wx" -> "w" -> "", "bx" -> "b" -> "") where its buffers would not fit
-    a block's static shared memory (large float64 layers)."""
+    """``spec`` with fewer staged rows ("wx" -> "w" -> "", "bx" -> "b" -> "", a ring of fewer slots, then none)
+    where its buffers would not fit a block's static shared memory (large float64 layers), and without the
+    ring where it cannot serve the kernel (:func:`ring_refusal`)."""
+    if "r" in spec.stage and ring_refusal(plan, spec, spec.num_parts):  # the tables' choice without the ring
+        stage, ahead, prefetch = staged_rows(plan, spec.kind, spec.dtype)
+        spec = replace(spec, stage=stage, stage_ahead=ahead, prefetch=prefetch)
     while spec.stage and smem_bytes(spec, stage_words(plan, spec)) > SMEM_STATIC_MAX_BYTES:
-        spec = replace(spec, stage=spec.stage[:-1] if len(spec.stage) == 2 else "")
+        if "r" in spec.stage and spec.stage_ahead > 1:  # a ring of half as many slots first
+            spec = replace(spec, stage_ahead=(spec.stage_ahead + 1) // 2 - 1)
+        else:
+            spec = replace(spec, stage=spec.stage[:-1] if len(spec.stage) == 2 else "", stage_ahead=1)
     return spec
 
 
@@ -959,6 +1042,10 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     if "b" in spec.stage and not bulk_rows_aligned(plan, spec.dtype):
         raise ValueError(f"kernel {prefix}: bulk-staged weight rows need every path's slice of a row to be "
                          f"{BULK_ALIGN_BYTES}-byte aligned (path offsets, multiplicities and the row length)")
+    if "r" in spec.stage:
+        why = ring_refusal(plan, spec, len(parts))
+        if why:
+            raise ValueError(f"kernel {prefix}: whole-row ring (stage 'r') {why}")
     if spec.vector_dx and not vector_rows_aligned(plan):
         raise ValueError(f"kernel {prefix}: vector dx atomics need a row length that is a multiple of "
                          f"{VECTOR_WIDTH}, not {plan.in1_dim}")
@@ -970,8 +1057,10 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     stage_decl = (f"    __shared__ __align__(16) scalar_t dx_stage_all[(THREADS / WARP_SIZE) * {dx_words}];\n"
                   f"    scalar_t* const dx_stage = dx_stage_all + (threadIdx.x / WARP_SIZE) * {dx_words};"
                   if dx_words else "    scalar_t* const dx_stage = nullptr;  // no staged atomics in this kernel")
+    # the ring ("r") is one block-shared array; the other stages give each warp its own buffers
+    row_base = "" if "r" in spec.stage else f" + (threadIdx.x / WARP_SIZE) * {row_words}"
     stage_decl += ("\n" + f"    __shared__ __align__(16) scalar_t row_stage_all[(THREADS / WARP_SIZE) * {row_words}];\n"
-                   f"    scalar_t* const row_stage = row_stage_all + (threadIdx.x / WARP_SIZE) * {row_words};"
+                   f"    scalar_t* const row_stage = row_stage_all{row_base};"
                    if row_words else "\n    scalar_t* const row_stage = nullptr;  // no staged rows in this kernel")
     part_src = "\n".join(_render_part(plan, spec, [plan.paths[i] for i in part], n, prefix)
                           for n, part in enumerate(parts))
