@@ -149,6 +149,33 @@ __device__ __forceinline__ void stage_wait_prev()
 #endif
 }
 
+// sm_90 mbarrier steps shared by the bulk-staged rows and the whole-row ring (no-ops before sm_90, where
+// neither issues bulk copies).
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, const unsigned count)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"
+                 :: "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(count) : "memory");
+#else
+    (void)bar; (void)count;
+#endif
+}
+
+// The calling thread waits until the barrier's phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait_parity(unsigned long long* bar, const unsigned parity)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(bar);
+    unsigned done = 0;
+    while (!done) {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(addr), "r"(parity) : "memory");
+    }
+#else
+    (void)bar; (void)parity;
+#endif
+}
+
 // Bulk-staged weight rows (codegen.STAGED_ROWS "b"): the weights of one edge that a warp uses are, per path,
 // 32 consecutive values of the row (the chunk's channels), so one lane per path copies them with a single
 // sm_90 bulk copy (the copy engine reads each L2 sector once and holds no registers) into the warp's
@@ -159,9 +186,7 @@ __device__ __forceinline__ void bulk_init(unsigned long long* bars)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if ((threadIdx.x & (WARP_SIZE - 1)) == 0) {
-        for (int b = 0; b < BUFFERS; ++b)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"
-                         :: "r"((unsigned)__cvta_generic_to_shared(bars + b)) : "memory");
+        for (int b = 0; b < BUFFERS; ++b) mbar_init(bars + b, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
 #else
@@ -205,13 +230,7 @@ __device__ __forceinline__ void bulk_copy(scalar_t* dst, const scalar_t* src, co
 __device__ __forceinline__ void bulk_wait(unsigned long long* bar, const int buffer, unsigned& phase)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(bar);
-    const unsigned parity = (phase >> buffer) & 1u;
-    unsigned done = 0;
-    while (!done) {
-        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(addr), "r"(parity) : "memory");
-    }
+    mbar_wait_parity(bar, (phase >> buffer) & 1u);
 #else
     (void)bar;
     __syncwarp();
@@ -234,11 +253,8 @@ __device__ __forceinline__ void ring_init(unsigned long long* bars)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (threadIdx.x == 0) {
         for (int b = 0; b < BUFFERS; ++b) {
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"
-                         :: "r"((unsigned)__cvta_generic_to_shared(bars + b)) : "memory");
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"
-                         :: "r"((unsigned)__cvta_generic_to_shared(bars + BUFFERS + b)), "r"(THREADS)
-                         : "memory");
+            mbar_init(bars + b, 1);                   // full: the copying lane's arrival (and the bytes)
+            mbar_init(bars + BUFFERS + b, THREADS);   // empty: every thread of the block
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -246,20 +262,6 @@ __device__ __forceinline__ void ring_init(unsigned long long* bars)
     (void)bars;
 #endif
     __syncthreads();
-}
-
-__device__ __forceinline__ void ring_wait_parity(unsigned long long* bar, const unsigned parity)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(bar);
-    unsigned done = 0;
-    while (!done) {
-        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(addr), "r"(parity) : "memory");
-    }
-#else
-    (void)bar; (void)parity;
-#endif
 }
 
 // One lane: bring edge e's row(s) into slot `buffer` (running position t). Waits until every warp has
@@ -270,7 +272,7 @@ __device__ __forceinline__ void ring_issue(scalar_t* slot_rows, unsigned long lo
                                            const scalar_t* __restrict__ W2, const index_t e, const index_t w_stride)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (t >= BUFFERS) ring_wait_parity(bars + BUFFERS + buffer, (unsigned)((t / BUFFERS - 1) & 1));
+    if (t >= BUFFERS) mbar_wait_parity(bars + BUFFERS + buffer, (unsigned)((t / BUFFERS - 1) & 1));
     const unsigned full = (unsigned)__cvta_generic_to_shared(bars + buffer);
     const unsigned bytes = (unsigned)ROW_BYTES * ((KIND == 3) ? 2u : 1u);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(bytes) : "memory");

@@ -462,7 +462,7 @@ class _Stage:
         if self.bulk:
             lines.append("                bulk_wait(stage_bars + q % STAGE_BUFFERS, q % STAGE_BUFFERS, stage_phase);")
         if self.ring:
-            lines.append("                ring_wait_parity(stage_bars + q % STAGE_BUFFERS, "
+            lines.append("                mbar_wait_parity(stage_bars + q % STAGE_BUFFERS, "
                          "(unsigned)(((base - p0 + q) / STAGE_BUFFERS) & 1));")
         return "\n".join(lines)
 
