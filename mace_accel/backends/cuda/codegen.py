@@ -76,7 +76,8 @@ class KernelSpec:
     vector_dx: bool = False
     #: rows copied one edge ahead into shared memory: "" none, "w" weight rows (cp.async, per lane), "wx"
     #: weight and sender rows, "b" weight rows by bulk copies (sm_90, one per path and warp), "bx" bulk
-    #: weight rows and cp.async sender rows; see STAGED_ROWS
+    #: weight rows and cp.async sender rows (see STAGED_ROWS); "r" the block-shared ring of whole weight rows,
+    #: ``stage_ahead + 1`` slots (see ROW_RING)
     stage: str = ""
     #: edges ahead of the contracted one whose rows are in flight (``stage``; one buffer each, plus the
     #: current edge's), see STAGE_AHEAD
