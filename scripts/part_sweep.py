@@ -27,8 +27,9 @@ from tp_cases import mace_conv_args  # noqa: E402
 
 ONE_PART = 1 << 30
 KINDS = {"fwd": codegen.KIND_FORWARD, "bwd": codegen.KIND_BACKWARD, "double": codegen.KIND_DOUBLE}
-#: further calls sweep_calls offers (not swept by default): the fused double backward without d/dgout
-EXTRA_KINDS = {"double_nogg": codegen.KIND_DOUBLE}
+#: further calls sweep_calls offers (not swept by default): the fused double backward without d/dgout, the
+#: deterministic variant's segmented backward (dy, dw; its dx is the separate grad-x kernel)
+EXTRA_KINDS = {"double_nogg": codegen.KIND_DOUBLE, "bwd_det": codegen.KIND_BACKWARD}
 #: every call name of sweep_calls -> its kernel kind
 ALL_KINDS = {**KINDS, **EXTRA_KINDS}
 
@@ -43,12 +44,13 @@ def sweep_inputs(plan, dtype, n: int, e: int, dev):
 
 
 def sweep_calls(plan, inputs, s, r, n: int):
-    """The backend calls the sweeps time: forward, atomic backward (dx, dy, dw), fused double backward (with
-    and without d/dgout)."""
+    """The backend calls the sweeps time: forward, atomic backward (dx, dy, dw), the deterministic variant's
+    segmented backward (dy, dw), fused double backward (with and without d/dgout)."""
     x, y, w, g, ggx, ggy, ggw = inputs
     return {
         "fwd": lambda: B.forward(plan, x, y, w, s, r, n),
         "bwd": lambda: B.backward(plan, x, y, w, g, s, r, True, True, True),
+        "bwd_det": lambda: B.backward(plan, x, y, w, g, s, r, False, True, True, deterministic=True),
         "double": lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r),
         "double_nogg": lambda: B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r, need_gg=False)[:3],
     }
@@ -77,6 +79,8 @@ def call_spec(plan, kname: str, dt: str):
         return B._spec(plan, codegen.KIND_FORWARD, dt, True)
     if kname == "bwd":
         return B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True)
+    if kname == "bwd_det":
+        return B._spec(plan, codegen.KIND_BACKWARD, dt, True, codegen.DX_NONE, True, True)
     return B._spec(plan, codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True,
                    need_gg=kname != "double_nogg")
 

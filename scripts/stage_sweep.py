@@ -48,10 +48,13 @@ def main():
     def apply(kind, dname, setting):
         reset()
         if setting in ("default", "noring"):  # the tables as they are (without the whole-row ring)
-            codegen.ROW_RING[(kind, dname)] = codegen.ROW_RING.get((kind, dname), 0) if setting == "default" else 0
+            if setting == "noring":
+                for segmented in (False, True):
+                    codegen.ROW_RING[(kind, dname, segmented)] = 0
             return
         stage, mb, pf, ahead = setting
-        codegen.ROW_RING[(kind, dname)] = ahead if stage == "r" else 0
+        for segmented in (False, True):  # the timed call picks its own
+            codegen.ROW_RING[(kind, dname, segmented)] = ahead if stage == "r" else 0
         codegen.STAGE_AHEAD[(kind, dname)] = ahead
         if stage != "r":
             codegen.STAGED_ROWS[(kind, dname)] = stage

@@ -525,7 +525,8 @@ def test_row_ring_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
     dt = str(dtype)[6:]
     for nodes, ahead in ((50, 3), (6, 1), (6, 7)):  # ~14 edges per receiver, then ~117 (four batches)
-        monkeypatch.setattr(codegen, "ROW_RING", {(k, d): ahead for k in kinds for d in ("float32", "float64")})
+        monkeypatch.setattr(codegen, "ROW_RING", {(k, d, seg): ahead for k in kinds for d in ("float32", "float64")
+                                                  for seg in (False, True)})
         monkeypatch.setattr(B, "_SPECS", {})
         spec = B._spec(conv.plan, codegen.KIND_FORWARD, dt, True)
         refused = codegen.ring_refusal(conv.plan, spec, spec.num_parts)

@@ -318,7 +318,7 @@ def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
         render(plan, ring)
     assert "power-of-two" in codegen.ring_refusal(plan, replace(ring, parts=(), stage_ahead=2), 1)
     assert "chunk" in codegen.ring_refusal(odd, replace(ring, parts=()), 1)
-    monkeypatch.setattr(codegen, "ROW_RING", {(KIND_BACKWARD, "float64"): 3})
+    monkeypatch.setattr(codegen, "ROW_RING", {(KIND_BACKWARD, "float64", False): 3})
     monkeypatch.setattr(codegen, "STAGED_ROWS", {(KIND_BACKWARD, "float64"): "wx"})
     monkeypatch.setattr(codegen, "PREFETCH_EDGES", {(KIND_BACKWARD, "float64"): 1})
     monkeypatch.setattr(B, "_SPECS", {})
@@ -332,7 +332,7 @@ def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
     assert "ring_issue<4>" in src and "ring_release(" in src and "row_stage = row_stage_all;" in src
     # a ring that does not fit the block's shared memory gets fewer slots (large layer 1 float32 double: one
     # slot holds two rows of 2176 values)
-    monkeypatch.setattr(codegen, "ROW_RING", {(KIND_DOUBLE, "float32"): 7})
+    monkeypatch.setattr(codegen, "ROW_RING", {(KIND_DOUBLE, "float32", False): 7})
     big_ring = B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True, need_gg=False)
     assert big_ring.stage == "r" and big_ring.stage_ahead == 1
     assert codegen.smem_bytes(big_ring, codegen.stage_words(plan, big_ring)) <= codegen.SMEM_STATIC_MAX_BYTES
@@ -346,3 +346,19 @@ def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
     p = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "-cubin", "-o", str(src.with_suffix(".cubin")),
                         str(src)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_ring_serves_the_runs_kernels(monkeypatch):
+    """The tables give the whole-row ring to the runs-variant backward and double backward, not to the kernels
+    that walk one receiver segment per item (the forwards and the deterministic backward, which were slower
+    with it: ring_sweep_h100.txt, ring_sweep_det_h100.txt)."""
+    from mace_accel.backends import cuda as B
+
+    monkeypatch.setattr(B, "_SPECS", {})
+    node, sh, mid, ins = mace_conv_args("medium1", mul=128)
+    plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    for dt in ("float32", "float64"):
+        assert B._spec(plan, KIND_BACKWARD, dt, False, DX_ATOMIC, True, True).stage == "r"
+        assert B._spec(plan, KIND_BACKWARD, dt, True, DX_NONE, True, True).stage != "r"
+        assert B._spec(plan, KIND_FORWARD, dt, True).stage != "r"
+    assert B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True, need_gg=False).stage == "r"

@@ -933,7 +933,7 @@ STAGED_ROWS: Dict[Tuple[int, str], str] = {(KIND_BACKWARD, "float64"): "wx", (KI
 #: ahead (stage_sweep_bulk_h100.txt): float64 double without d/dgout "w" large 5.27-5.31 ms, medium 2.44-2.46,
 #: against 5.36 / 2.47 unstaged in the same run: within 2%, so one.
 STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
-#: (kind, dtype) -> edges ahead whose whole weight rows (and ggw's in the fused double backward) the block's
+#: (kind, dtype, segmented) -> edges ahead whose whole weight rows (and ggw's in the fused double backward) the block's
 #: ring holds (stage "r": one bulk copy per row into block-shared slots, ``ahead + 1`` of them; 0: off). It
 #: replaces STAGED_ROWS and the L2 prefetch where :func:`ring_refusal` allows it (the block's warps are the
 #: channel chunks of one item); elsewhere those apply. Why: the bare row traffic of these kernels in our edge
@@ -943,10 +943,13 @@ STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
 #: ring_sweep_h100.txt), default -> ring: float32 backward medium 0.756 -> 0.720 ms, large 1.446 -> 1.291 (layer
 #: 0 0.302 -> 0.303); float64 backward layer 0 0.598 -> 0.572, medium 1.504 -> 1.444; no-gg double float32
 #: layer 0 0.455 -> 0.434, medium 1.107 -> 1.036, large 1.935-1.951 (one edge ahead: what fits) against
-#: 2.095; float64 layer 0 0.842 -> 0.798. The forwards were slower (layer 0 float64 0.284 -> 0.379, large
-#: float32 0.647 -> 0.706): off there.
-ROW_RING: Dict[Tuple[int, str], int] = {(KIND_BACKWARD, "float32"): 1, (KIND_BACKWARD, "float64"): 3,
-                                        (KIND_DOUBLE, "float32"): 3, (KIND_DOUBLE, "float64"): 3}
+#: 2.095; float64 layer 0 0.842 -> 0.798. Keyed by (kind, dtype, segmented): the kernels that walk one receiver
+#: segment per item lost with it, the forwards (layer 0 float64 0.284 -> 0.379, large float32 0.647 -> 0.706)
+#: and the deterministic backward (ring_sweep_det_h100.txt: float32 layer 0 0.331 -> 0.361, large 1.263 ->
+#: 1.370, float64 layer 0 0.619 -> 0.633; medium float64 1.413 -> 1.373): off there.
+ROW_RING: Dict[Tuple[int, str, bool], int] = {
+    (KIND_BACKWARD, "float32", False): 1, (KIND_BACKWARD, "float64", False): 3,
+    (KIND_DOUBLE, "float32", False): 3, (KIND_DOUBLE, "float64", False): 3}
 
 
 def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
@@ -983,7 +986,7 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     selects a new kernel."""
     need_gg = need_gg or kind != KIND_DOUBLE
     coalesced_dx = COALESCED_DX_ATOMICS.get(dtype, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
-    ring = 0 if kind == KIND_GRAD_X else ROW_RING.get((kind, dtype), 0)
+    ring = 0 if kind == KIND_GRAD_X else ROW_RING.get((kind, dtype, segmented), 0)
     stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
