@@ -939,13 +939,14 @@ STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
 #: channel chunks of one item); elsewhere those apply. Why: the bare row traffic of these kernels in our edge
 #: order runs at 2.2-2.8 TB/s when many small warps keep it in flight (scripts/row_order_probe.py,
 #: row_order_probe_h100.txt), while our warps, holding a lane's whole state in registers, are 12-16 per SM.
-#: Kernel alone on the H100 (scripts/stage_sweep.py --settings default r:0:0:1 r:0:0:3 r:0:0:7,
-#: ring_sweep_h100.txt), default -> ring: float32 backward medium 0.756 -> 0.720 ms, large 1.446 -> 1.291 (layer
-#: 0 0.302 -> 0.303); float64 backward layer 0 0.598 -> 0.572, medium 1.504 -> 1.444; no-gg double float32
-#: layer 0 0.455 -> 0.434, medium 1.107 -> 1.036, large 1.935-1.951 (one edge ahead: what fits) against
-#: 2.095; float64 layer 0 0.842 -> 0.798. Keyed by (kind, dtype, segmented): the kernels that walk one receiver
-#: segment per item lost with it, the forwards (layer 0 float64 0.284 -> 0.379, large float32 0.647 -> 0.706)
-#: and the deterministic backward (ring_sweep_det_h100.txt: float32 layer 0 0.331 -> 0.361, large 1.263 ->
+#: Kernel alone on the H100 (scripts/stage_sweep.py --kinds bwd double_nogg --settings noring default,
+#: ring_sweep_v24b_h100.txt; the slot counts from ring_sweep_h100.txt), no ring -> ring: float32 backward
+#: medium 0.755 -> 0.719 ms, large 1.467 -> 1.299 (layer 0 0.302 -> 0.303); float64 backward layer 0 0.598 ->
+#: 0.590, medium 1.504 -> 1.445; no-gg double float32 layer 0 0.455 -> 0.442, medium 1.106 -> 1.035, large
+#: 2.066 -> 1.934 (one edge ahead: what fits), float64 layer 0 0.840 -> 0.799; with-gg double float32 medium
+#: 1.541 -> 1.395 (ring_sweep_gg_h100.txt). Keyed by (kind, dtype, segmented): the kernels that walk one
+#: receiver segment per item lost with it, the forwards (layer 0 float64 0.284 -> 0.379, large float32 0.647 ->
+#: 0.706) and the deterministic backward (ring_sweep_det_h100.txt: float32 layer 0 0.331 -> 0.361, large 1.263 ->
 #: 1.370, float64 layer 0 0.619 -> 0.633; medium float64 1.413 -> 1.373): off there.
 ROW_RING: Dict[Tuple[int, str, bool], int] = {
     (KIND_BACKWARD, "float32", False): 1, (KIND_BACKWARD, "float64", False): 3,
