@@ -161,6 +161,17 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar, const unsigne
 #endif
 }
 
+// The calling thread arrives on the barrier and announces `bytes` that bulk copies will count in.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, const unsigned bytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 :: "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(bytes) : "memory");
+#else
+    (void)bar; (void)bytes;
+#endif
+}
+
 // The calling thread waits until the barrier's phase of the given parity has completed.
 __device__ __forceinline__ void mbar_wait_parity(unsigned long long* bar, const unsigned parity)
 {
@@ -173,6 +184,26 @@ __device__ __forceinline__ void mbar_wait_parity(unsigned long long* bar, const 
     }
 #else
     (void)bar; (void)parity;
+#endif
+}
+
+// sm_90: one bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared
+// memory, counted in by the mbarrier `bar`; with EVICT_FIRST, read under the L2 cache policy `policy`.
+template <bool EVICT_FIRST>
+__device__ __forceinline__ void bulk_copy_sm90(scalar_t* dst, const scalar_t* src, const unsigned bytes,
+                                               unsigned long long* bar, const unsigned long long policy)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst), b = (unsigned)__cvta_generic_to_shared(bar);
+    if (EVICT_FIRST)
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+                     " [%0], [%1], %2, [%3], %4;"
+                     :: "r"(d), "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(b), "l"(policy) : "memory");
+    else
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(d), "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(b) : "memory");
+#else
+    (void)dst; (void)src; (void)bytes; (void)bar; (void)policy;
 #endif
 }
 
@@ -201,10 +232,7 @@ __device__ __forceinline__ void bulk_expect(unsigned long long* bar, const unsig
 {
     __syncwarp();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if ((threadIdx.x & (WARP_SIZE - 1)) == 0) {
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                     :: "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(bytes) : "memory");
-    }
+    if ((threadIdx.x & (WARP_SIZE - 1)) == 0) mbar_arrive_expect_tx(bar, bytes);
     __syncwarp();
 #else
     (void)bar; (void)bytes;
@@ -216,9 +244,7 @@ __device__ __forceinline__ void bulk_copy(scalar_t* dst, const scalar_t* src, co
                                           unsigned long long* bar)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(__cvta_generic_to_global(src)), "r"(bytes),
-                    "r"((unsigned)__cvta_generic_to_shared(bar)) : "memory");
+    bulk_copy_sm90<false>(dst, src, bytes, bar, 0ull);
 #else
     (void)bar;
     for (unsigned k = 0; k < bytes / 16; ++k)
@@ -273,30 +299,16 @@ __device__ __forceinline__ void ring_issue(scalar_t* slot_rows, unsigned long lo
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (t >= BUFFERS) mbar_wait_parity(bars + BUFFERS + buffer, (unsigned)((t / BUFFERS - 1) & 1));
-    const unsigned full = (unsigned)__cvta_generic_to_shared(bars + buffer);
-    const unsigned bytes = (unsigned)ROW_BYTES * ((KIND == 3) ? 2u : 1u);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(bytes) : "memory");
+    mbar_arrive_expect_tx(bars + buffer, (unsigned)ROW_BYTES * ((KIND == 3) ? 2u : 1u));
     const scalar_t* rows[2] = {W + e * w_stride, (KIND == 3) ? W2 + e * w_stride : nullptr};
+    unsigned long long policy = 0;  // STREAM_W: the rows are read once, evict them from L2 first
 #if STREAM_W
-    unsigned long long policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
 #endif
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-        if (rows[k] == nullptr) continue;
-#if STREAM_W
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-                     " [%0], [%1], %2, [%3], %4;"
-                     :: "r"((unsigned)__cvta_generic_to_shared(slot_rows + k * WN)),
-                        "l"(__cvta_generic_to_global(rows[k])), "r"((unsigned)ROW_BYTES), "r"(full), "l"(policy)
-                     : "memory");
-#else
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     :: "r"((unsigned)__cvta_generic_to_shared(slot_rows + k * WN)),
-                        "l"(__cvta_generic_to_global(rows[k])), "r"((unsigned)ROW_BYTES), "r"(full)
-                     : "memory");
-#endif
-    }
+    for (int k = 0; k < 2; ++k)
+        if (rows[k] != nullptr)
+            bulk_copy_sm90<STREAM_W != 0>(slot_rows + k * WN, rows[k], (unsigned)ROW_BYTES, bars + buffer, policy);
 #else
     (void)slot_rows; (void)bars; (void)buffer; (void)t; (void)W; (void)W2; (void)e; (void)w_stride;
 #endif

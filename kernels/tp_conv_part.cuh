@@ -7,7 +7,8 @@ __device__ __forceinline__ void $$NAME$$_part$$PART$$(CONV_PARAMS, const index_t
                                                    scalar_t* __restrict__ row_stage)
 {
     (void)dx_stage;  // this warp's shared-memory stage for the coalesced dx atomics (or null)
-    (void)row_stage;  // this warp's STAGE_BUFFERS buffers of rows copied ahead (STAGE_SLOTS values per lane each)
+    (void)row_stage;  // this warp's STAGE_BUFFERS buffers of rows copied ahead (STAGE_SLOTS values per lane each;
+                      // the ring: the block's STAGE_BUFFERS slots, then their mbarriers)
     constexpr int STAGE_SLOTS = $$STAGE_SLOTS$$;
     constexpr int STAGE_AHEAD = $$STAGE_AHEAD$$;  // edges copied ahead of the one being contracted
     constexpr int STAGE_BUFFERS = STAGE_AHEAD + 1;

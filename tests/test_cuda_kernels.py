@@ -444,6 +444,20 @@ def test_table_switches_cuda_vs_e3nn(switch, on, dtype, deterministic, monkeypat
     _check(conv, tp64, x, y, w, s, r, dtype)
 
 
+def _check_misaligned_weights(conv, tp64, x, y, w, s, r, dtype):
+    """The forward with the weights as a view that starts one element (4 or 8 bytes) into its storage, which a
+    launch with bulk-copied weight rows must copy to an aligned buffer, matches e3nn."""
+    from mace_accel.backends.cuda import codegen
+
+    flat = torch.randn(w.numel() + 1, dtype=dtype, device=DEV)
+    w_odd = flat[1:].view_as(w)
+    w_odd.copy_(w)
+    assert w_odd.data_ptr() % codegen.BULK_ALIGN_BYTES
+    out = conv(x, y, w_odd, s, r)
+    assert rel(out.double(), e3nn_conv(tp64, x.double(), y.double(), w.double(), s, r, x.shape[0])) < \
+        (1e-10 if dtype == torch.float64 else 1e-5)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layer", ["layer0", "large1"])
@@ -463,10 +477,6 @@ def test_bulk_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch)
     conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
     x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=13)
-    flat = torch.randn(w.numel() + 1, dtype=dtype, device=DEV)
-    w_odd = flat[1:].view_as(w)
-    w_odd.copy_(w)
-    assert w_odd.data_ptr() % codegen.BULK_ALIGN_BYTES
     for prefetch, ahead in ((0, 2), (1, 1)):  # edges in flight: 2 (three buffers) and 1
         monkeypatch.setattr(codegen, "PREFETCH_EDGES", {(k, dt): prefetch for k in kinds
                                                         for dt in ("float32", "float64")})
@@ -476,9 +486,7 @@ def test_bulk_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch)
                        codegen.DX_NONE if deterministic else codegen.DX_ATOMIC, True, True)
         assert "b" in spec.stage and "bulk_copy(bdst" in codegen.render(conv.plan, spec)["source"]
         _check(conv, tp64, x, y, w, s, r, dtype)
-        out = conv(x, y, w_odd, s, r)
-        assert rel(out.double(), e3nn_conv(tp64, x.double(), y.double(), w.double(), s, r, x.shape[0])) < \
-            (1e-10 if dtype == torch.float64 else 1e-5)
+        _check_misaligned_weights(conv, tp64, x, y, w, s, r, dtype)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -535,13 +543,7 @@ def test_row_ring_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
             assert "ring_issue<" in codegen.render(conv.plan, spec)["source"] and spec.prefetch == 0
         x, y, w, s, r = _inputs(conv, nodes, 700, dtype, seed=23 + nodes + ahead)
         _check(conv, tp64, x, y, w, s, r, dtype)
-        flat = torch.randn(w.numel() + 1, dtype=dtype, device=DEV)
-        w_odd = flat[1:].view_as(w)
-        w_odd.copy_(w)
-        assert w_odd.data_ptr() % codegen.BULK_ALIGN_BYTES
-        out = conv(x, y, w_odd, s, r)
-        assert rel(out.double(), e3nn_conv(tp64, x.double(), y.double(), w.double(), s, r, nodes)) < \
-            (1e-10 if dtype == torch.float64 else 1e-5)
+        _check_misaligned_weights(conv, tp64, x, y, w, s, r, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -89,8 +89,7 @@ def _launch(plan: TPPlan, spec: KernelSpec, device: torch.device, num_items: int
     if warps == 0:
         return
     index = device_index(device)
-    if "b" in spec.stage or "r" in spec.stage:  # bulk copies of weight rows: a weight view that does not start
-        # 16-byte aligned is copied
+    if spec.bulk_weight_rows:  # a weight view that does not start 16-byte aligned is copied
         W, W2 = (t.clone() if t is not None and t.data_ptr() % codegen.BULK_ALIGN_BYTES else t for t in (W, W2))
     # spelled out rather than a comprehension over a helper: this runs for every launch (~3 us less host time)
     args = (_NULL if X is None else X.data_ptr(), _NULL if Y is None else Y.data_ptr(),

@@ -102,6 +102,12 @@ class KernelSpec:
                              "(the CUDA compiler drops the trip-count checks of a partial unroll by 3)")
 
     @property
+    def bulk_weight_rows(self) -> bool:
+        """Whether the weight rows come in by sm_90 bulk copies (stages "b", "bx" and the ring "r"), which need
+        16-byte aligned rows."""
+        return "b" in self.stage or "r" in self.stage
+
+    @property
     def num_parts(self) -> int:
         return max(1, len(self.parts))
 
@@ -987,7 +993,7 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     selects a new kernel."""
     need_gg = need_gg or kind != KIND_DOUBLE
     coalesced_dx = COALESCED_DX_ATOMICS.get(dtype, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
-    ring = 0 if kind == KIND_GRAD_X else ROW_RING.get((kind, dtype, segmented), 0)
+    ring = ROW_RING.get((kind, dtype, segmented), 0)  # where the ring cannot serve, fit_stage falls back
     stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
