@@ -7,8 +7,9 @@
 //   * a work item is a run of edges [p0, p1) in processing order (edge e = perm[p], or p);
 //       SEGMENTED = 1: item = one output row's CSR segment (deterministic: plain stores, fixed order);
 //       SEGMENTED = 0: item = EDGES_PER_WARP consecutive edges in processing order (receiver-sorted by the
-//                      host, or the caller's order); accumulators are flushed with atomics whenever the
-//                      segment key changes, so a sorted order costs about two flushes per warp;
+//                      host, or the caller's order), walked in batches of WARP_SIZE; accumulators are
+//                      flushed with atomics whenever the segment key changes and at every batch end, so a
+//                      sorted order costs about two flushes per batch;
 //   * the CG contraction is unrolled straight-line code, generated from the plan's nonzeros;
 //   * dx rows of senders (KIND 1 atomic, KIND 3) are added with atomics staged through shared memory, so
 //     consecutive lanes add consecutive elements (codegen.COALESCED_DX_ATOMICS).
@@ -85,7 +86,7 @@ typedef long long index_t;
     const index_t num_edges, const index_t num_items, const index_t w_stride
 #define CONV_ARGS X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2, num_edges, num_items, w_stride
 
-static_assert(SEGMENTED || EDGES_PER_WARP <= WARP_SIZE, "a run must fit in one batch of edges");
+static_assert(EDGES_PER_WARP >= 1, "a work item of the runs variant holds at least one edge");
 static_assert(PREFETCH_EDGES < WARP_SIZE, "prefetch distance must stay inside one batch of edges");
 
 // Hint: bring the weight row(s) of edge e into L2 (no registers held, no effect on results): on sm_90+ one

@@ -32,7 +32,7 @@ $$SEGMENT_STATE$$
 #if SEGMENTED
 $$SEGMENT_LOAD$$
 #else
-    // EDGES_PER_WARP <= WARP_SIZE: a run is one batch of edges (static_assert in tp_conv.cu)
+    // runs variant: a run ends at the latest with its batch of WARP_SIZE edges (last_of_run below)
 #endif
 
     // Edges are walked in batches of WARP_SIZE: lane q first loads the indices of edge base + q (one
@@ -80,7 +80,8 @@ $$STAGE_WAIT$$
             }
 #endif
 #if !SEGMENTED
-            // a run is one warp's batch (EDGES_PER_WARP <= WARP_SIZE); flush when the next key differs
+            // a run ends where the next key differs or the batch ends (the next batch reloads nothing when it
+            // continues the key: only the accumulators are flushed and zeroed)
             const index_t next_key = __shfl_sync(0xffffffffu, my_key, (q + 1) & (WARP_SIZE - 1));
             const bool last_of_run = (q + 1 == batch) || (next_key != key);
             if (key != row) {

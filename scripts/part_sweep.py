@@ -98,11 +98,11 @@ def restoring(*tables):
 
 
 def set_switch(table, kind: int, dname: str, value) -> None:
-    """Set a per-kernel entry of one of codegen's tables for (kind, dtype): POINTER_X_LOADS is keyed by need_gg
-    too, so both of its entries are set (each call reads its own); MIN_BLOCKS_PER_SM by whether the kernel
-    unrolls its edge loop, and only the entry for kernels that do not is set (the unrolled layer-0 forwards
-    keep theirs)."""
-    if table is codegen.POINTER_X_LOADS:
+    """Set a per-kernel entry of one of codegen's tables for (kind, dtype): POINTER_X_LOADS and RUN_EDGES are
+    keyed by need_gg too, so both of their entries are set (each call reads its own); MIN_BLOCKS_PER_SM by
+    whether the kernel unrolls its edge loop, and only the entry for kernels that do not is set (the unrolled
+    layer-0 forwards keep theirs)."""
+    if table is codegen.POINTER_X_LOADS or table is codegen.RUN_EDGES:
         table[(kind, dname, True)] = table[(kind, dname, False)] = value
     elif table is codegen.MIN_BLOCKS_PER_SM:
         table[(kind, dname, False)] = value

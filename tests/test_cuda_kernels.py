@@ -546,6 +546,45 @@ def test_row_ring_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
         _check_misaligned_weights(conv, tp64, x, y, w, s, r, dtype)
 
 
+@pytest.mark.parametrize("ring", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["layer0", "medium1"])
+def test_run_items_longer_than_a_batch_cuda_vs_e3nn(layer, dtype, ring, monkeypatch):
+    """The runs kernels (atomic backward, fused double backward) with work items of 64 and 80 edges
+    (codegen.RUN_EDGES; an item is walked in batches of 32 and flushes at every batch end) match e3nn to every
+    derivative order, with the whole-row ring (its slots run on across the batches) and without it (the
+    tables' staged rows / L2 prefetch), on graphs whose receiver runs are shorter and longer than an item. The
+    fused double backward with d/dgout (gg flushed with atomics at run ends) gives the same four gradients
+    as with 32-edge items."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    kinds = (codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins)
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    plan, dt = conv.plan, str(dtype)[6:]
+    if not ring:
+        monkeypatch.setattr(codegen, "ROW_RING", {})
+    for nodes in (50, 6):  # ~14 edges per receiver, then ~117
+        x, y, w, s, r = _inputs(conv, nodes, 700, dtype, seed=31 + nodes)
+        g = torch.randn(nodes, plan.out_dim, dtype=dtype, device=DEV)
+        ggx, ggy, ggw = torch.randn_like(x), torch.randn_like(y), torch.randn_like(w)
+        with_gg = []
+        for edges in (32, 64, 80):
+            monkeypatch.setattr(codegen, "RUN_EDGES", {(k, d, gg): edges for k in kinds for d in ("float32", "float64")
+                                                       for gg in (False, True)})
+            monkeypatch.setattr(B, "_SPECS", {})
+            spec = B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True)
+            assert spec.edges_per_warp == edges and (spec.stage == "r") == ring
+            if edges != 32:
+                _check(conv, tp64, x, y, w, s, r, dtype)
+            with_gg.append(B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r, need_gg=True))
+        for other in with_gg[1:]:
+            for name, a, b in zip(("gx", "gy", "gw", "gg"), other, with_gg[0]):
+                assert rel(a.double(), b.double()) < TOL[dtype][1], f"with d/dgout: {name}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_segmented_atomic_kernels_match_runs(dtype):
     """The atomic backward and the fused double backward without d/dgout, walked one receiver segment per

@@ -8,6 +8,7 @@ import pytest
 from mace_accel.backends.cuda.codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE, KIND_FORWARD,
                                               KIND_GRAD_X, KernelSpec, fit_stage, parts_for, render)
 from mace_accel.plan import build_plan
+from mace_accel.plan.schedule import EDGES_PER_WARP
 from mace_accel.problem import TPProblem
 from tp_cases import mace_conv_args
 
@@ -362,3 +363,23 @@ def test_ring_serves_the_runs_kernels(monkeypatch):
         assert B._spec(plan, KIND_BACKWARD, dt, True, DX_NONE, True, True).stage != "r"
         assert B._spec(plan, KIND_FORWARD, dt, True).stage != "r"
     assert B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True, need_gg=False).stage == "r"
+
+
+def test_run_edges_set_the_items_of_the_runs_kernels(monkeypatch):
+    """codegen.RUN_EDGES sets the edges per work item of the runs-variant kernels only (keyed by need_gg, so the
+    no-gg and with-gg double backwards are chosen apart); the segmented kernels keep one receiver segment per
+    item; the rendered source carries the item length."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    node, sh, mid, ins = mace_conv_args("medium1", mul=128)
+    plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    monkeypatch.setattr(B, "_SPECS", {})
+    monkeypatch.setattr(codegen, "RUN_EDGES", {(KIND_BACKWARD, "float32", True): 80,
+                                               (KIND_DOUBLE, "float32", False): 48})
+    bwd = B._spec(plan, KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True)
+    assert bwd.edges_per_warp == 80 and "#define EDGES_PER_WARP 80\n" in render(plan, bwd)["source"]
+    assert B._spec(plan, KIND_BACKWARD, "float32", True, DX_NONE, True, True).edges_per_warp == EDGES_PER_WARP
+    assert B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True, need_gg=False).edges_per_warp == 48
+    assert B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True).edges_per_warp == EDGES_PER_WARP
+    assert B._spec(plan, KIND_DOUBLE, "float64", False, DX_ATOMIC, True, True).edges_per_warp == EDGES_PER_WARP

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ...plan import TPPlan
-from ...plan.schedule import EDGES_PER_WARP, WARPS_PER_BLOCK, lane_dims
+from ...plan.schedule import WARPS_PER_BLOCK, lane_dims
 from . import codegen
 from .codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE, KIND_FORWARD, KIND_GRAD_X,
                       THREADS_PER_BLOCK, KernelSpec, parts_for, render)
@@ -28,7 +28,6 @@ _LOCK = threading.Lock()
 _NULL = 0
 #: Edges per warp in the receiver-sorted runs of the atomic backward and the fused double backward
 #: (<= WARP_SIZE).
-RUN_EDGES_PER_WARP = EDGES_PER_WARP
 
 
 def check_available(device: torch.device) -> None:
@@ -259,18 +258,18 @@ _SPECS: Dict[tuple, KernelSpec] = {}
 
 
 def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_NONE, need_dy: bool = False,
-          need_dw: bool = False, edges_per_warp: int = RUN_EDGES_PER_WARP, need_gg: bool = True) -> KernelSpec:
+          need_dw: bool = False, need_gg: bool = True) -> KernelSpec:
     """The kernel spec for a launch: the tables' choices (codegen.table_choices) and the output parts the
     schedule picks for this plan and dtype (memoised: this runs on every call, and splitting the paths is
     Python work)."""
     choices = codegen.table_choices(plan, kind, dt, segmented, dx_mode, need_dy, need_gg)
-    key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp, choices)
+    key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, choices)
     spec = _SPECS.get(key)
     if spec is None:
         fields = dict(zip(codegen.TABLE_CHOICE_FIELDS, choices))
         part_words, min_blocks = fields.pop("part_words"), fields.pop("min_blocks_by_unroll")
         parts = parts_for(plan, kind, dt, dx_mode, max_words=part_words, need_gg=fields["need_gg"])
-        spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, edges_per_warp, parts, **fields)
+        spec = KernelSpec(kind, dt, segmented, dx_mode, need_dy, need_dw, parts=parts, **fields)
         spec = replace(spec, min_blocks=min_blocks[codegen.unrolls_edge_loop(plan, spec)])
         spec = _SPECS[key] = codegen.fit_stage(plan, spec)
     return spec

@@ -957,6 +957,17 @@ STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
 ROW_RING: Dict[Tuple[int, str, bool], int] = {
     (KIND_BACKWARD, "float32", False): 1, (KIND_BACKWARD, "float64", False): 3,
     (KIND_DOUBLE, "float32", False): 3, (KIND_DOUBLE, "float64", False): 3}
+#: (kind, dtype, need_gg) -> edges of one work item of the runs (atomic) kernels (default
+#: schedule.EDGES_PER_WARP: one batch of WARP_SIZE edges). An item longer than a batch is walked in batches and
+#: flushes its accumulators at every batch end as well as at every change of receiver. Kernel alone on the H100
+#: (scripts/stage_sweep.py --settings default e64 e128 / e16 e24; run_edges_sweep_h100.txt,
+#: run_edges_short_sweep_h100.txt, fwd_prefetch_and_run_edges_f64_h100.txt): longer items were slower
+#: everywhere (64 edges: +0.5-4%, 128: +6-14%), so the prediction that a block's unhidden first copy costs
+#: ~2% was wrong; shorter items moved the float32 kernels by under 1% (medium no-gg double 1.034 -> 1.035-1.039
+#: ms), while the float64 layer-0 backward took 0.566-0.567 ms with 24 edges against 0.589-0.590 with 32
+#: (three runs) and the no-gg double 0.783 with 16 against 0.796-0.799 (medium within 0.5%, large within the
+#: spread of its repeats).
+RUN_EDGES: Dict[Tuple[int, str, bool], int] = {(KIND_BACKWARD, "float64", True): 24, (KIND_DOUBLE, "float64", False): 16}
 
 
 def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
@@ -981,7 +992,7 @@ def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
 #: The values :func:`table_choices` returns, in order: MIN_BLOCKS_PER_SM's entries for a kernel that walks one
 #: edge per iteration and for one that unrolls (the spec's ``min_blocks`` is picked once its parts are known),
 #: KernelSpec fields, then the output-part budget.
-TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "prefetch", "stream_w", "dy_atomic", "coalesced_dx", "need_gg",
+TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "edges_per_warp", "prefetch", "stream_w", "dy_atomic", "coalesced_dx", "need_gg",
                        "vector_dx", "stage", "stage_ahead", "unroll", "pointer_x_loads", "stream_rows", "part_words")
 
 
@@ -997,6 +1008,7 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
+        EDGES_PER_WARP if segmented else RUN_EDGES.get((kind, dtype, need_gg), EDGES_PER_WARP),
         prefetch,
         STREAM_WEIGHTS.get((kind, dtype), False),
         ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE),
