@@ -383,3 +383,5 @@ def test_run_edges_set_the_items_of_the_runs_kernels(monkeypatch):
     assert B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True, need_gg=False).edges_per_warp == 48
     assert B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True).edges_per_warp == EDGES_PER_WARP
     assert B._spec(plan, KIND_DOUBLE, "float64", False, DX_ATOMIC, True, True).edges_per_warp == EDGES_PER_WARP
+    with pytest.raises(ValueError, match="edges_per_warp"):
+        KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, edges_per_warp=0)

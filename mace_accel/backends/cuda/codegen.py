@@ -97,6 +97,8 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.stage = {self.stage!r}: expected one of {STAGE_CHOICES}")
         if not 1 <= self.stage_ahead < WARP_SIZE:
             raise ValueError(f"KernelSpec.stage_ahead = {self.stage_ahead}: expected 1 .. {WARP_SIZE - 1}")
+        if self.edges_per_warp < 1:
+            raise ValueError(f"KernelSpec.edges_per_warp = {self.edges_per_warp}: a work item holds at least one edge")
         if self.unroll < 1 or self.unroll & (self.unroll - 1):
             raise ValueError(f"KernelSpec.unroll = {self.unroll}: the edge loop unroll must be a power of two "
                              "(the CUDA compiler drops the trip-count checks of a partial unroll by 3)")
@@ -967,7 +969,8 @@ ROW_RING: Dict[Tuple[int, str, bool], int] = {
 #: ms), while the float64 layer-0 backward took 0.566-0.567 ms with 24 edges against 0.589-0.590 with 32
 #: (three runs) and the no-gg double 0.783 with 16 against 0.796-0.799 (medium within 0.5%, large within the
 #: spread of its repeats).
-RUN_EDGES: Dict[Tuple[int, str, bool], int] = {(KIND_BACKWARD, "float64", True): 24, (KIND_DOUBLE, "float64", False): 16}
+RUN_EDGES: Dict[Tuple[int, str, bool], int] = {
+    (KIND_BACKWARD, "float64", True): 24, (KIND_DOUBLE, "float64", False): 16}
 
 
 def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
@@ -992,8 +995,9 @@ def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
 #: The values :func:`table_choices` returns, in order: MIN_BLOCKS_PER_SM's entries for a kernel that walks one
 #: edge per iteration and for one that unrolls (the spec's ``min_blocks`` is picked once its parts are known),
 #: KernelSpec fields, then the output-part budget.
-TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "edges_per_warp", "prefetch", "stream_w", "dy_atomic", "coalesced_dx", "need_gg",
-                       "vector_dx", "stage", "stage_ahead", "unroll", "pointer_x_loads", "stream_rows", "part_words")
+TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "edges_per_warp", "prefetch", "stream_w", "dy_atomic", "coalesced_dx",
+                       "need_gg", "vector_dx", "stage", "stage_ahead", "unroll", "pointer_x_loads", "stream_rows",
+                       "part_words")
 
 
 def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode: int, need_dy: bool,
