@@ -339,6 +339,21 @@ def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
     assert codegen.smem_bytes(big_ring, codegen.stage_words(plan, big_ring)) <= codegen.SMEM_STATIC_MAX_BYTES
     assert codegen.smem_bytes(fit_stage(plan, big), codegen.stage_words(plan, fit_stage(plan, big))) \
         <= codegen.SMEM_STATIC_MAX_BYTES
+    # one rule for every stage: fewer edges ahead first, then fewer rows; a ring that does not fit with two
+    # slots gives way to the tables' staged rows and prefetch (a budget shrunk to force both)
+    with monkeypatch.context() as m:
+        wide = KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="wx",
+                          stage_ahead=2)
+        words = lambda sp: codegen.smem_bytes(sp, codegen.stage_words(medium, sp))  # noqa: E731
+        m.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(wide, stage_ahead=1)))
+        assert (fit_stage(medium, wide).stage, fit_stage(medium, wide).stage_ahead) == ("wx", 1)
+        m.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(wide, stage="w", stage_ahead=1)))
+        assert (fit_stage(medium, wide).stage, fit_stage(medium, wide).stage_ahead) == ("w", 1)
+        ring_spec = replace(wide, stage="r", stage_ahead=3, prefetch=0)
+        m.setattr(codegen, "STAGED_ROWS", {(KIND_BACKWARD, "float32"): ""})
+        m.setattr(codegen, "PREFETCH_EDGES", {(KIND_BACKWARD, "float32"): 1})
+        m.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(ring_spec, stage_ahead=1)) - 1)
+        assert (fit_stage(medium, ring_spec).stage, fit_stage(medium, ring_spec).prefetch) == ("", 1)
     if shutil.which("nvcc") is None:
         return
     spec = KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="b")

@@ -1040,17 +1040,23 @@ def staged_rows(plan: TPPlan, kind: int, dtype: str) -> Tuple[str, int, int]:
 
 
 def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
-    """``spec`` with fewer staged rows ("wx" -> "w" -> "", "bx" -> "b" -> "", a ring of fewer slots, then none)
-    where its buffers would not fit a block's static shared memory (large float64 layers), and without the
-    ring where it cannot serve the kernel (:func:`ring_refusal`)."""
-    if "r" in spec.stage and ring_refusal(plan, spec, spec.num_parts):  # the tables' choice without the ring
+    """``spec`` with its staged rows fitted to a block's static shared memory (large layers), by one rule for
+    every stage: fewer edges ahead first (half as many buffers), then fewer rows ("wx" -> "w" -> "", "bx" -> "b"
+    -> ""). The whole-row ring ("r") gives way to the tables' staged rows and L2 prefetch (:func:`staged_rows`)
+    where it cannot serve the kernel (:func:`ring_refusal`) or does not fit with two slots."""
+    def without_ring(spec: KernelSpec) -> KernelSpec:
         stage, ahead, prefetch = staged_rows(plan, spec.kind, spec.dtype)
-        spec = replace(spec, stage=stage, stage_ahead=ahead, prefetch=prefetch)
+        return replace(spec, stage=stage, stage_ahead=ahead, prefetch=prefetch)
+
+    if "r" in spec.stage and ring_refusal(plan, spec, spec.num_parts):
+        spec = without_ring(spec)
     while spec.stage and smem_bytes(spec, stage_words(plan, spec)) > SMEM_STATIC_MAX_BYTES:
-        if "r" in spec.stage and spec.stage_ahead > 1:  # a ring of half as many slots first
-            spec = replace(spec, stage_ahead=(spec.stage_ahead + 1) // 2 - 1)
+        if spec.stage_ahead > 1:
+            spec = replace(spec, stage_ahead=max(1, (spec.stage_ahead + 1) // 2 - 1))
+        elif "r" in spec.stage:
+            spec = without_ring(spec)
         else:
-            spec = replace(spec, stage=spec.stage[:-1] if len(spec.stage) == 2 else "", stage_ahead=1)
+            spec = replace(spec, stage=spec.stage[:-1] if len(spec.stage) == 2 else "")
     return spec
 
 
