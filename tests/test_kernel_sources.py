@@ -307,10 +307,34 @@ def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
             assert codegen.stage_words(plan, spec)[1] * codegen.SCALAR_BYTES[dt] % codegen.BULK_ALIGN_BYTES == 0
     with pytest.raises(ValueError, match="stage_ahead"):
         KernelSpec(KIND_FORWARD, "float32", True, stage="b", stage_ahead=0)
+    if shutil.which("nvcc") is None:
+        return
+    spec = KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="b")
+    src = tmp_path / "bulk80.cu"
+    src.write_text(render(plan, spec)["source"])
+    p = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "-cubin", "-o", str(src.with_suffix(".cubin")),
+                        str(src)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_ring_refusal_and_fit_stage_rules(monkeypatch):
+    """The whole-row ring ("r") is refused where a block is not one item's chunks (output parts, fewer than 128
+    channels) or its slot count does not divide a batch, and the tables' staged rows and prefetch take over;
+    a ring too large for the block's shared memory gets fewer slots; fit_stage's one rule for every stage."""
     from dataclasses import replace
 
-    # the whole-row ring ("r"): refused where a block is not one item's chunks (parts, few channels) or its
-    # slot count does not divide a batch; the tables' staged rows and prefetch take over there
+    from mace.modules.irreps_tools import tp_out_irreps_with_instructions
+    from e3nn import o3
+
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    node, sh = o3.Irreps("6x0e+6x1o"), o3.Irreps.spherical_harmonics(2)  # 6 channels: one chunk, 4 items a block
+    mid, ins = tp_out_irreps_with_instructions(node, sh, o3.Irreps("6x0e+6x1o"))
+    odd = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    node, sh, mid, ins = mace_conv_args("large1", mul=128)
+    plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    big = KernelSpec(KIND_DOUBLE, "float64", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="bx")
     ring = KernelSpec(KIND_BACKWARD, "float64", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="r",
                       stage_ahead=3, parts=codegen.parts_for(plan, KIND_BACKWARD, "float64", DX_ATOMIC))
     assert ring.num_parts > 1
@@ -341,27 +365,18 @@ def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
         <= codegen.SMEM_STATIC_MAX_BYTES
     # one rule for every stage: fewer edges ahead first, then fewer rows; a ring that does not fit with two
     # slots gives way to the tables' staged rows and prefetch (a budget shrunk to force both)
-    with monkeypatch.context() as m:
-        wide = KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="wx",
-                          stage_ahead=2)
-        words = lambda sp: codegen.smem_bytes(sp, codegen.stage_words(medium, sp))  # noqa: E731
-        m.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(wide, stage_ahead=1)))
-        assert (fit_stage(medium, wide).stage, fit_stage(medium, wide).stage_ahead) == ("wx", 1)
-        m.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(wide, stage="w", stage_ahead=1)))
-        assert (fit_stage(medium, wide).stage, fit_stage(medium, wide).stage_ahead) == ("w", 1)
-        ring_spec = replace(wide, stage="r", stage_ahead=3, prefetch=0)
-        m.setattr(codegen, "STAGED_ROWS", {(KIND_BACKWARD, "float32"): ""})
-        m.setattr(codegen, "PREFETCH_EDGES", {(KIND_BACKWARD, "float32"): 1})
-        m.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(ring_spec, stage_ahead=1)) - 1)
-        assert (fit_stage(medium, ring_spec).stage, fit_stage(medium, ring_spec).prefetch) == ("", 1)
-    if shutil.which("nvcc") is None:
-        return
-    spec = KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="b")
-    src = tmp_path / "bulk80.cu"
-    src.write_text(render(plan, spec)["source"])
-    p = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "-cubin", "-o", str(src.with_suffix(".cubin")),
-                        str(src)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    wide = KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="wx",
+                      stage_ahead=2)
+    words = lambda sp: codegen.smem_bytes(sp, codegen.stage_words(medium, sp))  # noqa: E731
+    monkeypatch.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(wide, stage_ahead=1)))
+    assert (fit_stage(medium, wide).stage, fit_stage(medium, wide).stage_ahead) == ("wx", 1)
+    monkeypatch.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(wide, stage="w", stage_ahead=1)))
+    assert (fit_stage(medium, wide).stage, fit_stage(medium, wide).stage_ahead) == ("w", 1)
+    ring_spec = replace(wide, stage="r", stage_ahead=3, prefetch=0)
+    monkeypatch.setattr(codegen, "STAGED_ROWS", {(KIND_BACKWARD, "float32"): ""})
+    monkeypatch.setattr(codegen, "PREFETCH_EDGES", {(KIND_BACKWARD, "float32"): 1})
+    monkeypatch.setattr(codegen, "SMEM_STATIC_MAX_BYTES", words(replace(ring_spec, stage_ahead=1)) - 1)
+    assert (fit_stage(medium, ring_spec).stage, fit_stage(medium, ring_spec).prefetch) == ("", 1)
 
 
 def test_ring_serves_the_runs_kernels(monkeypatch):
