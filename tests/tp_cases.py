@@ -59,10 +59,11 @@ def rel(a, b):
 
 
 def launch_edge_kernel(plan, spec, x, y, w, g, sender, receiver, ggx=None, ggy=None, ggw=None, dw_fill=None):
-    """One launch of an atomic backward or fused double-backward kernel ``spec`` (GPU), walking 32-edge runs
-    or, with ``spec.segmented``, one receiver segment per work item; the outputs are allocated here (dy added
-    with atomics into one zeroed row per edge; dW filled with ``dw_fill`` first, e.g. NaN to poison it).
-    Returns (dx, dy [1, E, D2], dW). For specs the backend does not pick itself (tests, sweeps)."""
+    """One launch of an atomic backward or fused double-backward kernel ``spec`` (GPU), walking runs of
+    ``spec.edges_per_warp`` edges or, with ``spec.segmented``, one receiver segment per work item; the outputs
+    are allocated here (dy added with atomics into one zeroed row per edge; dW filled with ``dw_fill`` first,
+    e.g. NaN to poison it). Returns (dx, dy [1, E, D2], dW). For specs the backend does not pick itself (tests,
+    sweeps)."""
     from mace_accel.backends import cuda as B
 
     n, e = x.shape[0], y.shape[0]
