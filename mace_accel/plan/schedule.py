@@ -24,7 +24,8 @@ from .registry import PlanRegistry
 WARP_SIZE = 32
 #: Warps in one thread block of the conv kernels.
 WARPS_PER_BLOCK = 4
-#: Edges a warp walks in the atomic variant (over receiver-sorted edges) before it flushes and stops.
+#: Edges a warp walks in the atomic variant (over receiver-sorted edges) before it flushes and stops: the
+#: default work item of the runs kernels (codegen.RUN_EDGES chooses it per kernel).
 EDGES_PER_WARP = 32
 
 

@@ -26,8 +26,6 @@ _LOCK = threading.Lock()
 #: is a pointer or a 64-bit index. Measured on the H100 host: 10.8 us per 5-argument launch against 14.0 us with
 #: numpy scalars, same results.
 _NULL = 0
-#: Edges per warp in the receiver-sorted runs of the atomic backward and the fused double backward
-#: (<= WARP_SIZE).
 
 
 def check_available(device: torch.device) -> None:

@@ -959,16 +959,16 @@ STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
 ROW_RING: Dict[Tuple[int, str, bool], int] = {
     (KIND_BACKWARD, "float32", False): 1, (KIND_BACKWARD, "float64", False): 3,
     (KIND_DOUBLE, "float32", False): 3, (KIND_DOUBLE, "float64", False): 3}
-#: (kind, dtype, need_gg) -> edges of one work item of the runs (atomic) kernels (default
-#: schedule.EDGES_PER_WARP: one batch of WARP_SIZE edges). An item longer than a batch is walked in batches and
-#: flushes its accumulators at every batch end as well as at every change of receiver. Kernel alone on the H100
-#: (scripts/stage_sweep.py --settings default e64 e128 / e16 e24; run_edges_sweep_h100.txt,
-#: run_edges_short_sweep_h100.txt, fwd_prefetch_and_run_edges_f64_h100.txt): longer items were slower
-#: everywhere (64 edges: +0.5-4%, 128: +6-14%), so the prediction that a block's unhidden first copy costs
-#: ~2% was wrong; shorter items moved the float32 kernels by under 1% (medium no-gg double 1.034 -> 1.035-1.039
-#: ms), while the float64 layer-0 backward took 0.566-0.567 ms with 24 edges against 0.589-0.590 with 32
-#: (three runs) and the no-gg double 0.783 with 16 against 0.796-0.799 (medium within 0.5%, large within the
-#: spread of its repeats).
+#: (kind, dtype, need_gg) -> edges of one work item of the runs (atomic) kernels (default schedule.EDGES_PER_WARP:
+#: one batch of WARP_SIZE edges; need_gg is True for every kind but the double backward). An item longer than a
+#: batch is walked in batches and flushes its accumulators at every batch end as well as at every change of
+#: receiver. Kernel alone on the H100 (scripts/stage_sweep.py --settings default e64 e128 / e16 e24;
+#: run_edges_sweep_h100.txt, run_edges_short_sweep_h100.txt, fwd_prefetch_and_run_edges_f64_h100.txt): longer items
+#: were slower everywhere (64 edges: +0.5-4%, 128: +6-14%), so the prediction that a block's unhidden first copy
+#: costs ~2% was wrong; shorter items moved the float32 kernels by under 1% (medium no-gg double 1.034 ->
+#: 1.035-1.039 ms), while the float64 layer-0 backward took 0.566-0.567 ms with 24 edges against 0.589-0.590 with 32
+#: (three runs) and the no-gg double 0.783 with 16 against 0.796-0.799 (medium within 0.5%, large within the spread
+#: of its repeats).
 RUN_EDGES: Dict[Tuple[int, str, bool], int] = {
     (KIND_BACKWARD, "float64", True): 24, (KIND_DOUBLE, "float64", False): 16}
 
