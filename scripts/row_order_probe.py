@@ -10,6 +10,8 @@ the receiver grouping our kernels use, a random permutation):
 * ``read1``  read W[e]                         (the forward's weight bytes)
 * ``rw``     read W[e], write D[e]             (the backward: W in, dW out)
 * ``r2w``    read W[e] and V[e], write D[e]     (the double backward: W and ggW in, ddW out)
+* ``rwp``    read W[e], write D[p]              (rw with the writes in processing order: which half is slow)
+* ``rwb``    read W[e], write D[e] through shared memory with one sm_90 bulk store per row (double-buffered)
 
 Each block of 128 threads takes 32 consecutive positions of the order (as a run of our kernels does) and the
 threads stride over the row. Next to them: torch's own ``copy_`` and ``add`` on the same tensors (memory
@@ -40,16 +42,42 @@ extern "C" __global__ void __launch_bounds__(128) rows(const scalar_t* __restric
         const scalar_t* w = W + e * WN;
         const scalar_t* v = V + e * WN;
         scalar_t* d = D + e * WN;
+        if (mode == 3) d = D + p * WN;
         for (int i = threadIdx.x; i < WN; i += 128) {
             if (mode == 0) acc += w[i];
-            else if (mode == 1) d[i] = w[i] * (scalar_t)1.5;
+            else if (mode == 1 || mode == 3) d[i] = w[i] * (scalar_t)1.5;
             else d[i] = w[i] * (scalar_t)1.5 + v[i];
         }
     }
     if (mode == 0 && acc == (scalar_t)12345.678) D[0] = acc;  // keeps the loads; practically never taken
 }
+
+extern "C" __global__ void __launch_bounds__(128) rows_bulk(const scalar_t* __restrict__ W, const scalar_t* __restrict__ V,
+        scalar_t* __restrict__ D, const long long* __restrict__ perm, const long long num_edges, const long long mode)
+{
+    __shared__ __align__(128) scalar_t buf[2][WN];
+    const long long p0 = (long long)blockIdx.x * 32;
+    const long long p1 = p0 + 32 < num_edges ? p0 + 32 : num_edges;
+    int k = 0;
+    for (long long p = p0; p < p1; ++p, ++k) {
+        const long long e = perm ? perm[p] : p;
+        scalar_t* b = buf[k & 1];
+        if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        __syncthreads();  // the store that last read this buffer is done with it
+        for (int i = threadIdx.x; i < WN; i += 128) b[i] = W[e * WN + i] * (scalar_t)1.5;
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                         :: "l"(__cvta_generic_to_global(D + e * WN)), "r"((unsigned)__cvta_generic_to_shared(b)),
+                            "r"((unsigned)(WN * sizeof(scalar_t))) : "memory");
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+    }
+    if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
 """
-MODES = {"read1": 0, "rw": 1, "r2w": 2}
+MODES = {"read1": 0, "rw": 1, "r2w": 2, "rwp": 3, "rwb": 1}
 CELLS = (("layer0", "float64"), ("medium1", "float32"), ("large1", "float32"))
 
 
@@ -66,16 +94,17 @@ def main():
         wn = plan.weight_numel
         mod = cupy.RawModule(code=SRC.replace("SCALAR", "float" if dname == "float32" else "double")
                              .replace("WN", str(wn)), backend="nvrtc")
-        fn = mod.get_function("rows")
+        fn, fn_bulk = mod.get_function("rows"), mod.get_function("rows_bulk")
         W, V, D = (torch.randn(e, wn, device=dev, dtype=dtype) for _ in range(3))
         row_mb = e * wn * W.element_size() / 1e6
         print(f"\n{cfg} {dname}: {e} edges x {wn} weights = {row_mb:.0f} MB per row tensor", flush=True)
         for oname, perm in orders.items():
             for mname, mode in MODES.items():
                 args = (B._ptr(W), B._ptr(V), B._ptr(D), 0 if perm is None else B._ptr(perm), e, mode)
-                t = P.C.time_fn(lambda: B.run_on_torch_stream(fn, dev, (e + 31) // 32, 128, args), dev, 3, 20)
+                k = fn_bulk if mname == "rwb" else fn
+                t = P.C.time_fn(lambda: B.run_on_torch_stream(k, dev, (e + 31) // 32, 128, args), dev, 3, 20)
                 ms = t["median_ms"]
-                mb = row_mb * (mode + 1)
+                mb = row_mb * (2 if mode == 3 else mode + 1)
                 print(f"  {oname:8s} {mname:5s} {ms:7.3f} ms  {mb / ms / 1e3:6.2f} TB/s", flush=True)
         for tname, f in (("torch copy_", lambda: D.copy_(W)), ("torch add", lambda: torch.add(W, V, out=D))):
             ms = P.C.time_fn(f, dev, 3, 20)["median_ms"]
