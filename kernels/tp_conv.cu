@@ -67,6 +67,19 @@ typedef long long index_t;
 #define STORE_DW(p, v) (*(p) = (v))
 #endif
 
+// 1 (KIND 1, 3; runs kernels whose block is one item of one part): the dW row ring. Every thread writes its
+// dW values of an edge into the block-shared row of the edge's slot (DW_RING_SLOTS slots), then arrives on the
+// slot's "full" mbarrier; thread 0 sends each complete row to DW with one sm_90 bulk store, one edge late (so
+// it rarely waits), and arrives on the slot's "empty" mbarrier once that store has read it; a thread waits on
+// "empty" before it writes a slot again. Before sm_90 the lanes store dW themselves.
+#define DW_RING $$DW_RING$$
+#define DW_RING_SLOTS $$DW_RING_SLOTS$$
+#if DW_RING && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DW_RING_SM90 1
+#else
+#define DW_RING_SM90 0
+#endif
+
 #define CONV_PARAMS \
     const scalar_t* __restrict__ X,          /* [rows_x, D1]   node features (KIND 0, 1) */ \
     const scalar_t* __restrict__ Y,          /* [E, D2]        edge attributes (spherical harmonics) */ \
@@ -323,6 +336,76 @@ __device__ __forceinline__ void ring_release(unsigned long long* empty_bar)
                  :: "r"((unsigned)__cvta_generic_to_shared(empty_bar)) : "memory");
 #else
     (void)empty_bar;
+#endif
+}
+
+// The dW row ring (DW_RING): "full" mbarriers (every thread of the block) then "empty" ones (thread 0).
+__device__ __forceinline__ void dw_ring_init(unsigned long long* bars)
+{
+#if DW_RING_SM90
+    if (threadIdx.x == 0) {
+        for (int b = 0; b < DW_RING_SLOTS; ++b) {
+            mbar_init(bars + b, THREADS);
+            mbar_init(bars + DW_RING_SLOTS + b, 1);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+#else
+    (void)bars;
+#endif
+}
+
+// Every thread, after writing its values of the row at running position t: make them visible to the bulk
+// store (async proxy), then arrive on the slot's "full" barrier.
+__device__ __forceinline__ void dw_ring_filled(unsigned long long* bars, const index_t t)
+{
+#if DW_RING_SM90
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"
+                 :: "r"((unsigned)__cvta_generic_to_shared(bars + (int)(t % DW_RING_SLOTS))) : "memory");
+#else
+    (void)bars; (void)t;
+#endif
+}
+
+// Thread 0: send the row at running position t (edge e) once every thread has filled it, as one bulk store
+// (evict-first with STREAM_W, as the plain dW stores stream); then the row before it has been read by its
+// store, so its slot is released.
+__device__ __forceinline__ void dw_ring_send(const scalar_t* rows, unsigned long long* bars, const index_t t,
+                                             scalar_t* __restrict__ DW, const index_t e)
+{
+#if DW_RING_SM90
+    const int slot = (int)(t % DW_RING_SLOTS);
+    mbar_wait_parity(bars + slot, (unsigned)((t / DW_RING_SLOTS) & 1));
+    const unsigned src = (unsigned)__cvta_generic_to_shared(rows + slot * WN);
+    const unsigned long long dst = (unsigned long long)__cvta_generic_to_global(DW + e * WN);
+#if STREAM_W
+    unsigned long long policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;"
+                 :: "l"(dst), "r"(src), "r"((unsigned)ROW_BYTES), "l"(policy) : "memory");
+#else
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                 :: "l"(dst), "r"(src), "r"((unsigned)ROW_BYTES) : "memory");
+#endif
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    if (t >= 1) {
+        asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        unsigned long long* const empty = bars + DW_RING_SLOTS + (int)((t - 1) % DW_RING_SLOTS);
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"
+                     :: "r"((unsigned)__cvta_generic_to_shared(empty)) : "memory");
+    }
+#else
+    (void)rows; (void)bars; (void)t; (void)DW; (void)e;
+#endif
+}
+
+// Thread 0, after its item's last edge: every store has read its row (the shared memory may go).
+__device__ __forceinline__ void dw_ring_drain()
+{
+#if DW_RING_SM90
+    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
 #endif
 }
 

@@ -586,6 +586,53 @@ def test_run_items_longer_than_a_batch_cuda_vs_e3nn(layer, dtype, ring, monkeypa
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["layer0", "medium1", "large1"])
+def test_dw_row_ring_cuda_vs_e3nn(layer, dtype, monkeypatch):
+    """The dW row ring (codegen.DW_ROW_RING: block-shared dW rows, one sm_90 bulk store per edge, sent one edge
+    late by thread 0) in the runs backward and double backwards: every derivative order matches e3nn, with 32-
+    and 80-edge items (the ring runs on across batches) and an edge count whose last item holds one edge; with
+    dW poisoned (NaN) before the launch, the kernels give the same dx, dy and dW as with plain stores, and the
+    with-d/dgout double backward the same four gradients. Kernels the ring cannot serve (output parts) keep
+    the plain stores."""
+    from dataclasses import replace
+
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    kinds = (codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    conv = mace_accel.TensorProductConv(node, sh, mid, ins)
+    tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+    plan, dt = conv.plan, str(dtype)[6:]
+    on = {(k, d): True for k in kinds for d in ("float32", "float64")}
+    monkeypatch.setattr(codegen, "DW_ROW_RING", on)
+    for nodes, num_edges, edges in ((50, 700, 32), (6, 673, 80)):  # 673 = 8 x 80 + 33: a last item of 33 edges
+        monkeypatch.setattr(codegen, "RUN_EDGES", {(k, d, gg): edges for k in kinds for d in ("float32", "float64")
+                                                   for gg in (False, True)})
+        monkeypatch.setattr(B, "_SPECS", {})
+        x, y, w, s, r = _inputs(conv, nodes, num_edges, dtype, seed=61 + nodes)
+        _check(conv, tp64, x, y, w, s, r, dtype)
+        g = torch.randn(nodes, plan.out_dim, dtype=dtype, device=DEV)
+        ggx, ggy, ggw = torch.randn_like(x), torch.randn_like(y), torch.randn_like(w)
+        for kind in kinds:
+            spec = B._spec(plan, kind, dt, False, codegen.DX_ATOMIC, True, True, need_gg=False)
+            assert spec.dw_ring == (spec.num_parts == 1)
+            extra = dict(ggx=ggx, ggy=ggy, ggw=ggw) if kind == codegen.KIND_DOUBLE else {}
+            ring = launch_edge_kernel(plan, spec, x, y, w, g, s, r, dw_fill=float("nan"), **extra)
+            plain = launch_edge_kernel(plan, replace(spec, dw_ring=False), x, y, w, g, s, r, **extra)
+            for name, a, b in zip(("dx", "dy", "dw"), ring, plain):
+                assert torch.isfinite(a).all() and rel(a.double(), b.double()) < TOL[dtype][1], f"{kind} {name}"
+        with_gg = []
+        for table in (on, {}):  # the training path's double backward
+            monkeypatch.setattr(codegen, "DW_ROW_RING", table)
+            monkeypatch.setattr(B, "_SPECS", {})
+            with_gg.append(B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r, need_gg=True))
+        for name, a, b in zip(("gx", "gy", "gw", "gg"), *with_gg):
+            assert torch.isfinite(a).all() and rel(a.double(), b.double()) < TOL[dtype][1], f"with d/dgout: {name}"
+        monkeypatch.setattr(codegen, "DW_ROW_RING", on)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_segmented_atomic_kernels_match_runs(dtype):
     """The atomic backward and the fused double backward without d/dgout, walked one receiver segment per
     work item (scripts/segment_sweep.py; off in the backend), give the runs variant's dx, dy and dw."""

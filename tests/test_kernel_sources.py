@@ -415,3 +415,44 @@ def test_run_edges_set_the_items_of_the_runs_kernels(monkeypatch):
     assert B._spec(plan, KIND_DOUBLE, "float64", False, DX_ATOMIC, True, True).edges_per_warp == EDGES_PER_WARP
     with pytest.raises(ValueError, match="edges_per_warp"):
         KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, edges_per_warp=0)
+
+
+def test_dw_row_ring_rules(tmp_path, monkeypatch):
+    """codegen.DW_ROW_RING gives the dW row ring to the runs backward and double backward kernels whose block is
+    one work item of one part and whose rows are whole 16-byte granules, and to no other (segmented kernels,
+    fewer than 128 channels, output parts, no dW); a spec that asks for it elsewhere is refused; the fallback
+    before sm_90 (lanes store) compiles."""
+    from dataclasses import replace
+
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    monkeypatch.setattr(codegen, "DW_ROW_RING", {(k, d): True for k in (KIND_BACKWARD, KIND_DOUBLE)
+                                                 for d in ("float32", "float64")})
+    monkeypatch.setattr(B, "_SPECS", {})
+    node, sh, mid, ins = mace_conv_args("medium1", mul=128)
+    plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    spec = B._spec(plan, KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True)
+    src = render(plan, spec)["source"]
+    assert spec.dw_ring and "dw_ring_send(" in src and "#define DW_RING_SLOTS 3\n" in src
+    assert codegen.smem_bytes(spec, codegen.stage_words(plan, spec)) <= codegen.SMEM_STATIC_MAX_BYTES
+    assert not B._spec(plan, KIND_BACKWARD, "float32", False, DX_ATOMIC, True, False).dw_ring  # no dW asked
+    assert not B._spec(plan, KIND_BACKWARD, "float32", True, DX_NONE, True, True).dw_ring  # segmented
+    node, sh, mid, ins = mace_conv_args("medium1", mul=32)  # one chunk: four items a block
+    narrow = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    assert not B._spec(narrow, KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True).dw_ring
+    node, sh, mid, ins = mace_conv_args("large1", mul=128)
+    large = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    split = B._spec(large, KIND_DOUBLE, "float64", False, DX_ATOMIC, True, True)
+    assert split.num_parts > 1 and not split.dw_ring
+    with pytest.raises(ValueError, match="dW row ring"):
+        render(large, replace(split, dw_ring=True))
+    with pytest.raises(ValueError, match="dw_ring"):
+        KernelSpec(KIND_BACKWARD, "float32", True, DX_NONE, True, True, dw_ring=True)
+    if shutil.which("nvcc") is None:
+        return
+    src_file = tmp_path / "dw_ring80.cu"
+    src_file.write_text(src)
+    p = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "-cubin", "-o", str(src_file.with_suffix(".cubin")),
+                        str(src_file)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
