@@ -102,6 +102,13 @@ def _compiler():
         return None
 
 
+def _nvcc_cubin(path, source: str, arch: str):
+    """Write ``source`` to ``path`` and build it with nvcc for ``arch`` (e.g. "sm_90"): the CompletedProcess."""
+    path.write_text(source)
+    return subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", "-cubin", "-o", str(path.with_suffix(".cubin")),
+                           str(path)], capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("layer", ["layer0", "medium1", "large1"])
 def test_generated_sources_compile(layer, tmp_path):
     compiler = _compiler()
@@ -120,10 +127,7 @@ def test_generated_sources_compile(layer, tmp_path):
             from mace_accel.backends.cuda.compiler import nvrtc_compile
 
             return spec, 0, str(len(nvrtc_compile(r["source"], r["name"], "sm_90")))
-        src = tmp_path / f"{r['name']}.cu"
-        src.write_text(r["source"])
-        p = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(src.with_suffix(".cubin")),
-                            str(src)], capture_output=True, text=True)
+        p = _nvcc_cubin(tmp_path / f"{r['name']}.cu", r["source"], "sm_90")
         return spec, p.returncode, p.stderr
 
     with ThreadPoolExecutor(2) as pool:
@@ -174,10 +178,7 @@ def test_csr_source_compiles(tmp_path):
 
         assert nvrtc_compile(src, "mace_accel_csr_count", "sm_90")
         return
-    path = tmp_path / "csr.cu"
-    path.write_text(src)
-    p = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(path.with_suffix(".cubin")),
-                        str(path)], capture_output=True, text=True)
+    p = _nvcc_cubin(tmp_path / "csr.cu", src, "sm_90")
     assert p.returncode == 0, p.stderr
 
 
@@ -310,10 +311,7 @@ def test_bulk_staged_rows_rules(tmp_path, monkeypatch):
     if shutil.which("nvcc") is None:
         return
     spec = KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, coalesced_dx=True, stage="b")
-    src = tmp_path / "bulk80.cu"
-    src.write_text(render(plan, spec)["source"])
-    p = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "-cubin", "-o", str(src.with_suffix(".cubin")),
-                        str(src)], capture_output=True, text=True)
+    p = _nvcc_cubin(tmp_path / "bulk80.cu", render(plan, spec)["source"], "sm_80")
     assert p.returncode == 0, p.stderr
 
 
@@ -451,8 +449,5 @@ def test_dw_row_ring_rules(tmp_path, monkeypatch):
         KernelSpec(KIND_BACKWARD, "float32", True, DX_NONE, True, True, dw_ring=True)
     if shutil.which("nvcc") is None:
         return
-    src_file = tmp_path / "dw_ring80.cu"
-    src_file.write_text(src)
-    p = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "-cubin", "-o", str(src_file.with_suffix(".cubin")),
-                        str(src_file)], capture_output=True, text=True)
+    p = _nvcc_cubin(tmp_path / "dw_ring80.cu", src, "sm_80")
     assert p.returncode == 0, p.stderr
