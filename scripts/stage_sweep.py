@@ -25,6 +25,24 @@ import torch  # noqa: E402
 
 from mace_accel.backends.cuda import codegen  # noqa: E402
 
+#: settings by name: the tables as they are, with one change for the swept (kind, dtype)
+NAMED_SETTINGS = {
+    "default": lambda kind, dname: None,
+    "noring": lambda kind, dname: codegen.ROW_RING.update({(kind, dname, seg): 0 for seg in (False, True)}),
+    "dwr": lambda kind, dname: codegen.DW_ROW_RING.update({(kind, dname): True}),
+    "nodwr": lambda kind, dname: codegen.DW_ROW_RING.update({(kind, dname): False}),
+}
+
+
+def named_setting(t: str):
+    """The function that applies setting ``t`` to the tables if ``t`` is a named one ("eN": N edges per runs
+    item), else None."""
+    if t in NAMED_SETTINGS:
+        return NAMED_SETTINGS[t]
+    if t[:1] == "e" and t[1:].isdigit():
+        return lambda kind, dname: P.set_switch(codegen.RUN_EDGES, kind, dname, int(t[1:]))
+    return None
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -40,7 +58,7 @@ def main():
     settings = [("", 0, None, 1), ("w", 0, None, 1), ("wx", 0, None, 1), ("w", a.min_blocks, None, 1),
                 ("wx", a.min_blocks, None, 1)]
     if a.settings:
-        settings = [t if t in ("default", "noring", "dwr", "nodwr") or t.startswith("e") else
+        settings = [t if named_setting(t) else
                     ("" if f[0] == "none" else f[0], int(f[1]), int(f[2]), int(f[3]) if len(f) > 3 else 1)
                     for t, f in ((t, t.split(":")) for t in a.settings)]
     reset = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM, codegen.PREFETCH_EDGES, codegen.STAGE_AHEAD,
@@ -48,16 +66,8 @@ def main():
 
     def apply(kind, dname, setting):
         reset()
-        if setting in ("dwr", "nodwr"):  # the tables, with the dW row ring on / off
-            codegen.DW_ROW_RING[(kind, dname)] = setting == "dwr"
-            return
-        if isinstance(setting, str) and setting.startswith("e"):  # the tables, N edges per runs item
-            P.set_switch(codegen.RUN_EDGES, kind, dname, int(setting[1:]))
-            return
-        if setting in ("default", "noring"):  # the tables as they are (without the whole-row ring)
-            if setting == "noring":
-                for segmented in (False, True):
-                    codegen.ROW_RING[(kind, dname, segmented)] = 0
+        if isinstance(setting, str):
+            named_setting(setting)(kind, dname)
             return
         stage, mb, pf, ahead = setting
         for segmented in (False, True):  # the timed call picks its own

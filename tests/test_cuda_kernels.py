@@ -444,6 +444,24 @@ def test_table_switches_cuda_vs_e3nn(switch, on, dtype, deterministic, monkeypat
     _check(conv, tp64, x, y, w, s, r, dtype)
 
 
+DTYPES = ("float32", "float64")
+
+
+def _every(kinds, value, flags=None):
+    """A codegen table giving ``value`` to every kind of ``kinds`` in both dtypes; ``flags``: the values of the
+    table's third key (need_gg, segmented) to give it under as well."""
+    if flags is None:
+        return {(k, d): value for k in kinds for d in DTYPES}
+    return {(k, d, f): value for k in kinds for d in DTYPES for f in flags}
+
+
+def _assert_close(names, got, ref, dtype, what, finite=False):
+    """Each of ``got`` matches ``ref`` to the gradient tolerance of ``dtype`` (and is finite, with ``finite``)."""
+    for name, a, b in zip(names, got, ref):
+        assert (not finite or torch.isfinite(a).all()) and rel(a.double(), b.double()) < TOL[dtype][1], \
+            f"{what}: {name}"
+
+
 def _check_misaligned_weights(conv, tp64, x, y, w, s, r, dtype):
     """The forward with the weights as a view that starts one element (4 or 8 bytes) into its storage, which a
     launch with bulk-copied weight rows must copy to an aligned buffer, matches e3nn."""
@@ -471,16 +489,15 @@ def test_bulk_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch)
     from mace_accel.backends.cuda import codegen
 
     kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
-    monkeypatch.setattr(codegen, "STAGED_ROWS", {(k, dt): "bx" for k in kinds for dt in ("float32", "float64")})
+    monkeypatch.setattr(codegen, "STAGED_ROWS", _every(kinds, "bx"))
     monkeypatch.setattr(codegen, "ROW_RING", {})  # the staged rows, not the whole-row ring
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
     conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
     x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=13)
     for prefetch, ahead in ((0, 2), (1, 1)):  # edges in flight: 2 (three buffers) and 1
-        monkeypatch.setattr(codegen, "PREFETCH_EDGES", {(k, dt): prefetch for k in kinds
-                                                        for dt in ("float32", "float64")})
-        monkeypatch.setattr(codegen, "STAGE_AHEAD", {(k, dt): ahead for k in kinds for dt in ("float32", "float64")})
+        monkeypatch.setattr(codegen, "PREFETCH_EDGES", _every(kinds, prefetch))
+        monkeypatch.setattr(codegen, "STAGE_AHEAD", _every(kinds, ahead))
         monkeypatch.setattr(B, "_SPECS", {})
         spec = B._spec(conv.plan, codegen.KIND_BACKWARD, str(dtype)[6:], deterministic,
                        codegen.DX_NONE if deterministic else codegen.DX_ATOMIC, True, True)
@@ -500,7 +517,7 @@ def test_staged_rows_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
     from mace_accel.backends.cuda import codegen
 
     kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
-    monkeypatch.setattr(codegen, "STAGED_ROWS", {(k, dt): "wx" for k in kinds for dt in ("float32", "float64")})
+    monkeypatch.setattr(codegen, "STAGED_ROWS", _every(kinds, "wx"))
     monkeypatch.setattr(codegen, "ROW_RING", {})  # the staged rows, not the whole-row ring
     monkeypatch.setattr(B, "_SPECS", {})
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
@@ -533,8 +550,7 @@ def test_row_ring_cuda_vs_e3nn(layer, dtype, deterministic, monkeypatch):
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
     dt = str(dtype)[6:]
     for nodes, ahead in ((50, 3), (6, 1), (6, 7)):  # ~14 edges per receiver, then ~117 (four batches)
-        monkeypatch.setattr(codegen, "ROW_RING", {(k, d, seg): ahead for k in kinds for d in ("float32", "float64")
-                                                  for seg in (False, True)})
+        monkeypatch.setattr(codegen, "ROW_RING", _every(kinds, ahead, (False, True)))
         monkeypatch.setattr(B, "_SPECS", {})
         spec = B._spec(conv.plan, codegen.KIND_FORWARD, dt, True)
         refused = codegen.ring_refusal(conv.plan, spec, spec.num_parts)
@@ -572,8 +588,7 @@ def test_run_items_longer_than_a_batch_cuda_vs_e3nn(layer, dtype, ring, monkeypa
         ggx, ggy, ggw = torch.randn_like(x), torch.randn_like(y), torch.randn_like(w)
         with_gg = []
         for edges in (32, 64, 80):
-            monkeypatch.setattr(codegen, "RUN_EDGES", {(k, d, gg): edges for k in kinds for d in ("float32", "float64")
-                                                       for gg in (False, True)})
+            monkeypatch.setattr(codegen, "RUN_EDGES", _every(kinds, edges, (False, True)))
             monkeypatch.setattr(B, "_SPECS", {})
             spec = B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True)
             assert spec.edges_per_warp == edges and (spec.stage == "r") == ring
@@ -581,8 +596,7 @@ def test_run_items_longer_than_a_batch_cuda_vs_e3nn(layer, dtype, ring, monkeypa
                 _check(conv, tp64, x, y, w, s, r, dtype)
             with_gg.append(B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r, need_gg=True))
         for other in with_gg[1:]:
-            for name, a, b in zip(("gx", "gy", "gw", "gg"), other, with_gg[0]):
-                assert rel(a.double(), b.double()) < TOL[dtype][1], f"with d/dgout: {name}"
+            _assert_close(("gx", "gy", "gw", "gg"), other, with_gg[0], dtype, "with d/dgout")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -604,11 +618,10 @@ def test_dw_row_ring_cuda_vs_e3nn(layer, dtype, monkeypatch):
     conv = mace_accel.TensorProductConv(node, sh, mid, ins)
     tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
     plan, dt = conv.plan, str(dtype)[6:]
-    on = {(k, d): True for k in kinds for d in ("float32", "float64")}
+    on = _every(kinds, True)
     monkeypatch.setattr(codegen, "DW_ROW_RING", on)
     for nodes, num_edges, edges in ((50, 700, 32), (6, 673, 80)):  # 673 = 8 x 80 + 33: a last item of 33 edges
-        monkeypatch.setattr(codegen, "RUN_EDGES", {(k, d, gg): edges for k in kinds for d in ("float32", "float64")
-                                                   for gg in (False, True)})
+        monkeypatch.setattr(codegen, "RUN_EDGES", _every(kinds, edges, (False, True)))
         monkeypatch.setattr(B, "_SPECS", {})
         x, y, w, s, r = _inputs(conv, nodes, num_edges, dtype, seed=61 + nodes)
         _check(conv, tp64, x, y, w, s, r, dtype)
@@ -620,15 +633,13 @@ def test_dw_row_ring_cuda_vs_e3nn(layer, dtype, monkeypatch):
             extra = dict(ggx=ggx, ggy=ggy, ggw=ggw) if kind == codegen.KIND_DOUBLE else {}
             ring = launch_edge_kernel(plan, spec, x, y, w, g, s, r, dw_fill=float("nan"), **extra)
             plain = launch_edge_kernel(plan, replace(spec, dw_ring=False), x, y, w, g, s, r, **extra)
-            for name, a, b in zip(("dx", "dy", "dw"), ring, plain):
-                assert torch.isfinite(a).all() and rel(a.double(), b.double()) < TOL[dtype][1], f"{kind} {name}"
+            _assert_close(("dx", "dy", "dw"), ring, plain, dtype, str(kind), finite=True)
         with_gg = []
         for table in (on, {}):  # the training path's double backward
             monkeypatch.setattr(codegen, "DW_ROW_RING", table)
             monkeypatch.setattr(B, "_SPECS", {})
             with_gg.append(B.double_backward(plan, x, y, w, g, ggx, ggy, ggw, s, r, need_gg=True))
-        for name, a, b in zip(("gx", "gy", "gw", "gg"), *with_gg):
-            assert torch.isfinite(a).all() and rel(a.double(), b.double()) < TOL[dtype][1], f"with d/dgout: {name}"
+        _assert_close(("gx", "gy", "gw", "gg"), *with_gg, dtype, "with d/dgout", finite=True)
         monkeypatch.setattr(codegen, "DW_ROW_RING", on)
 
 

@@ -319,13 +319,18 @@ def bulk_rows_aligned(plan: TPPlan, dtype: str) -> bool:
                     for p in plan.paths))
 
 
+def _one_item_per_block(plan: TPPlan, num_parts: int) -> bool:
+    """Whether a block's warps are exactly one work item's (part, chunk) warps, so they walk the same edges."""
+    return num_parts * plan.num_chunks == WARPS_PER_BLOCK
+
+
 def ring_refusal(plan: TPPlan, spec: KernelSpec, num_parts: int) -> str:
     """Why the whole-row ring (stage "r") cannot serve this kernel ("" if it can): the block's warps must be the
     channel chunks of one work item (so they walk the same edges), a row must be a whole number of 16-byte
     bulk-copy granules and of per-lane slots, and the slot count must divide a batch of WARP_SIZE edges (the
     slot of an edge is its position in the batch modulo the slot count)."""
     buffers = spec.stage_ahead + 1
-    if num_parts * plan.num_chunks != WARPS_PER_BLOCK:
+    if not _one_item_per_block(plan, num_parts):
         return (f"needs a block to be one work item: {num_parts} part(s) x {plan.num_chunks} chunk(s) "
                 f"!= {WARPS_PER_BLOCK} warps")
     if plan.weight_numel % WARP_SIZE or plan.weight_numel * SCALAR_BYTES[spec.dtype] % BULK_ALIGN_BYTES:
@@ -406,8 +411,7 @@ class _Stage:
         """Elements per warp: the buffers of the slots, then (bulk) one mbarrier per buffer. The ring is shared
         by the block's warps: its slots and two mbarriers per slot, divided over the warps (rounded up)."""
         if self.ring:
-            bar_words = 2 * self.buffers * MBARRIER_BYTES // SCALAR_BYTES[self.dtype]
-            return -(-(self.buffers * self.ring_words + bar_words) // WARPS_PER_BLOCK)
+            return -(-ring_smem_words(self.buffers, self.ring_words, self.dtype) // WARPS_PER_BLOCK)
         if not self.slots:
             return 0
         bars = 0
@@ -569,15 +573,15 @@ def _t_stmts(code: _Code, p, y_name: str, g_name: str, t_name: str):
 
 
 def _emit_dw_begin(code: _Code, spec: KernelSpec):
-    """dW row ring: this edge's slot (running position t_dw in the item), once its row three edges back has
+    """dW row ring: this edge's slot (running position t_item in the item), once its row three edges back has
     been read by its store."""
     if not spec.dw_ring:
         return
     code("#if DW_RING_SM90")
-    code("const index_t t_dw = base - p0 + q;")
-    code("scalar_t* const dw_row = dw_stage + (int)(t_dw % DW_RING_SLOTS) * WN;")
-    code("if (t_dw >= DW_RING_SLOTS) mbar_wait_parity(dw_bars + DW_RING_SLOTS + (int)(t_dw % DW_RING_SLOTS), "
-         "(unsigned)((t_dw / DW_RING_SLOTS - 1) & 1));")
+    code("const index_t t_item = base - p0 + q;")
+    code("scalar_t* const dw_row = dw_stage + (int)(t_item % DW_RING_SLOTS) * WN;")
+    code("if (t_item >= DW_RING_SLOTS) mbar_wait_parity(dw_bars + DW_RING_SLOTS + (int)(t_item % DW_RING_SLOTS), "
+         "(unsigned)((t_item / DW_RING_SLOTS - 1) & 1));")
     code("#endif")
 
 
@@ -599,9 +603,9 @@ def _emit_dw_end(code: _Code, spec: KernelSpec):
     if not spec.dw_ring:
         return
     code("#if DW_RING_SM90")
-    code("dw_ring_filled(dw_bars, t_dw);")
+    code("dw_ring_filled(dw_bars, t_item);")
     code("if (threadIdx.x == 0) {")
-    code("  if (t_dw >= 1) dw_ring_send(dw_stage, dw_bars, t_dw - 1, DW, dw_prev_e);")
+    code("  if (t_item >= 1) dw_ring_send(dw_stage, dw_bars, t_item - 1, DW, dw_prev_e);")
     code("  dw_prev_e = e;")
     code("}")
     code("#endif")
@@ -1006,6 +1010,14 @@ STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
 ROW_RING: Dict[Tuple[int, str, bool], int] = {
     (KIND_BACKWARD, "float32", False): 1, (KIND_BACKWARD, "float64", False): 3,
     (KIND_DOUBLE, "float32", False): 3, (KIND_DOUBLE, "float64", False): 3}
+#: (kind, dtype) -> the dW row ring (KernelSpec.dw_ring; kernels/tp_conv.cu, DW_RING): every thread writes its
+#: dW values of an edge into a block-shared row, and one thread sends each complete row with one sm_90 bulk
+#: store, one edge late. Why: the bare row traffic read W[e] + write D[e] of medium layer 1 float32 took 0.731
+#: ms with plain stores and 0.599 with one bulk store per row from shared memory, in every edge order (large
+#: 1.24 vs 1.01; scripts/row_order_probe.py, row_order_probe_bulk_h100.txt), while per-warp bulk stores of
+#: 128-byte slices were slower than plain stores in every kernel (bulk_dw_sweep_h100.txt). Not yet run on a
+#: GPU: off until scripts/stage_sweep.py --settings default dwr has measured it.
+DW_ROW_RING: Dict[Tuple[int, str], bool] = {}
 #: (kind, dtype, need_gg) -> edges of one work item of the runs (atomic) kernels (default schedule.EDGES_PER_WARP:
 #: one batch of WARP_SIZE edges; need_gg is True for every kind but the double backward). An item longer than a
 #: batch is walked in batches and flushes its accumulators at every batch end as well as at every change of
@@ -1016,14 +1028,6 @@ ROW_RING: Dict[Tuple[int, str, bool], int] = {
 #: 1.035-1.039 ms), while the float64 layer-0 backward took 0.566-0.567 ms with 24 edges against 0.589-0.590 with 32
 #: (three runs) and the no-gg double 0.783 with 16 against 0.796-0.799 (medium within 0.5%, large within the spread
 #: of its repeats).
-#: (kind, dtype) -> the dW row ring (KernelSpec.dw_ring; kernels/tp_conv.cu, DW_RING): every thread writes its
-#: dW values of an edge into a block-shared row, and one thread sends each complete row with one sm_90 bulk
-#: store, one edge late. Why: the bare row traffic read W[e] + write D[e] of medium layer 1 float32 took 0.731
-#: ms with plain stores and 0.599 with one bulk store per row from shared memory, in every edge order (large
-#: 1.24 vs 1.01; scripts/row_order_probe.py, row_order_probe_bulk_h100.txt), while per-warp bulk stores of
-#: 128-byte slices were slower than plain stores in every kernel (bulk_dw_sweep_h100.txt). Not yet run on a
-#: GPU: off until scripts/stage_sweep.py --settings default dwr has measured it.
-DW_ROW_RING: Dict[Tuple[int, str], bool] = {}
 RUN_EDGES: Dict[Tuple[int, str, bool], int] = {
     (KIND_BACKWARD, "float64", True): 24, (KIND_DOUBLE, "float64", False): 16}
 
@@ -1040,7 +1044,7 @@ def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int, int]:
             dx = max(dx, _dx_stage_words(in1, spec.coalesced_dx))
         if spec.stage:
             row = max(row, _Stage(spec, paths, in1, plan.weight_numel).words())
-    dw = -(-dw_ring_words(plan, spec.dtype) // WARPS_PER_BLOCK) if spec.dw_ring else 0
+    dw = -(-ring_smem_words(DW_RING_SLOTS, plan.weight_numel, spec.dtype) // WARPS_PER_BLOCK) if spec.dw_ring else 0
     return dx, row, dw
 
 
@@ -1049,16 +1053,17 @@ def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int, int]:
 DW_RING_SLOTS = 3
 
 
-def dw_ring_words(plan: TPPlan, dtype: str) -> int:
-    """Elements of the block's dW row ring: its rows, then a "full" and an "empty" mbarrier per row."""
-    return DW_RING_SLOTS * plan.weight_numel + 2 * DW_RING_SLOTS * MBARRIER_BYTES // SCALAR_BYTES[dtype]
+def ring_smem_words(slots: int, slot_words: int, dtype: str) -> int:
+    """Elements of a block-shared ring (the whole-row ring, the dW row ring): its slots, then a "full" and an
+    "empty" mbarrier per slot."""
+    return slots * slot_words + 2 * slots * MBARRIER_BYTES // SCALAR_BYTES[dtype]
 
 
 def dw_ring_refusal(plan: TPPlan, spec: KernelSpec, num_parts: int) -> str:
     """Why the dW row ring cannot serve this kernel ("" if it can)."""
     if not spec.need_dw:
         return "has no dW rows to send"
-    if num_parts != 1 or not plan.num_chunks * num_parts == WARPS_PER_BLOCK:
+    if num_parts != 1 or not _one_item_per_block(plan, num_parts):
         return f"needs a block to be one work item of one part: {num_parts} part(s) x {plan.num_chunks} chunk(s)"
     if plan.weight_numel * SCALAR_BYTES[spec.dtype] % BULK_ALIGN_BYTES:
         return f"needs a row of a multiple of {BULK_ALIGN_BYTES} bytes"
@@ -1087,14 +1092,15 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     need_gg = need_gg or kind != KIND_DOUBLE
     coalesced_dx = COALESCED_DX_ATOMICS.get(dtype, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
     ring = ROW_RING.get((kind, dtype, segmented), 0)  # where the ring cannot serve, fit_stage falls back
+    runs = not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE)  # the runs variant's edge kernels
     stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
         EDGES_PER_WARP if segmented else RUN_EDGES.get((kind, dtype, need_gg), EDGES_PER_WARP),
         prefetch,
         STREAM_WEIGHTS.get((kind, dtype), False),
-        ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE),
-        DW_ROW_RING.get((kind, dtype), False) and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE),
+        ATOMIC_DY and need_dy and runs,
+        DW_ROW_RING.get((kind, dtype), False) and runs,
         coalesced_dx,
         need_gg,
         # 16-byte vector atomics need 16-byte aligned rows (the backend allocates the dx buffers, so their
