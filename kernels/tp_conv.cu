@@ -67,19 +67,6 @@ typedef long long index_t;
 #define STORE_DW(p, v) (*(p) = (v))
 #endif
 
-// 1 (KIND 1, 3; runs kernels whose block is one item of one part): the dW row ring. Every thread writes its
-// dW values of an edge into the block-shared row of the edge's slot (DW_RING_SLOTS slots), then arrives on the
-// slot's "full" mbarrier; thread 0 sends each complete row to DW with one sm_90 bulk store, one edge late (so
-// it rarely waits), and arrives on the slot's "empty" mbarrier once that store has read it; a thread waits on
-// "empty" before it writes a slot again. Before sm_90 the lanes store dW themselves.
-#define DW_RING $$DW_RING$$
-#define DW_RING_SLOTS $$DW_RING_SLOTS$$
-#if DW_RING && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define DW_RING_SM90 1
-#else
-#define DW_RING_SM90 0
-#endif
-
 #define CONV_PARAMS \
     const scalar_t* __restrict__ X,          /* [rows_x, D1]   node features (KIND 0, 1) */ \
     const scalar_t* __restrict__ Y,          /* [E, D2]        edge attributes (spherical harmonics) */ \
@@ -102,17 +89,6 @@ typedef long long index_t;
 static_assert(EDGES_PER_WARP >= 1, "a work item of the runs variant holds at least one edge");
 static_assert(PREFETCH_EDGES < WARP_SIZE, "prefetch distance must stay inside one batch of edges");
 
-// sm_90: the L2 cache policy that streamed rows (read or written once) are loaded, prefetched, copied and stored
-// under: evict them first, so that the reused x and gradient rows stay in L2.
-__device__ __forceinline__ unsigned long long l2_evict_first_policy()
-{
-    unsigned long long policy = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-#endif
-    return policy;
-}
-
 // Hint: bring the weight row(s) of edge e into L2 (no registers held, no effect on results): on sm_90+ one
 // bulk prefetch per row (16-byte aligned start, size rounded down to 16 bytes); older GPUs skip it.
 __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict__ W, const scalar_t* __restrict__ W2,
@@ -129,8 +105,10 @@ __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict_
         const unsigned long long end = (a + (unsigned long long)ROW_BYTES) & ~15ull;
         if (end > start) {
 #if STREAM_W
+            unsigned long long policy;
+            asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
             asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;"
-                         :: "l"(start), "r"((unsigned)(end - start)), "l"(l2_evict_first_policy()));
+                         :: "l"(start), "r"((unsigned)(end - start)), "l"(policy));
 #else
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
                          :: "l"(start), "r"((unsigned)(end - start)));
@@ -172,8 +150,8 @@ __device__ __forceinline__ void stage_wait_prev()
 #endif
 }
 
-// sm_90 mbarrier steps shared by the bulk-staged rows and the two rings (no-ops before sm_90, where
-// none of them issues bulk copies).
+// sm_90 mbarrier steps shared by the bulk-staged rows and the whole-row ring (no-ops before sm_90, where
+// neither issues bulk copies).
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, const unsigned count)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -192,36 +170,6 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, c
                  :: "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(bytes) : "memory");
 #else
     (void)bar; (void)bytes;
-#endif
-}
-
-// The calling thread arrives on the barrier.
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"
-                 :: "r"((unsigned)__cvta_generic_to_shared(bar)) : "memory");
-#else
-    (void)bar;
-#endif
-}
-
-// SLOTS "full" mbarriers (each counting full_count arrivals), then SLOTS "empty" ones (empty_count): the
-// barriers of a ring of SLOTS block-shared slots. Thread 0 initialises them; the caller then syncs the block.
-template <int SLOTS>
-__device__ __forceinline__ void mbar_ring_init(unsigned long long* bars, const unsigned full_count,
-                                               const unsigned empty_count)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (threadIdx.x == 0) {
-        for (int b = 0; b < SLOTS; ++b) {
-            mbar_init(bars + b, full_count);
-            mbar_init(bars + SLOTS + b, empty_count);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-#else
-    (void)bars; (void)full_count; (void)empty_count;
 #endif
 }
 
@@ -319,18 +267,27 @@ __device__ __forceinline__ void bulk_wait(unsigned long long* bar, const int buf
 
 // Whole-row ring (codegen stage "r"): the block's warps are the NCHUNK channel chunks of one work item, so
 // they contract the same edges in the same order and together use every value of each edge's weight row(s).
-// One lane (chunk 0) copies the whole row (W, and W2 in KIND 3) of an edge STAGE_AHEAD edges ahead into a
+// One lane (chunk 0) copies the whole row (W, and W2 in KIND 3) of an edge RING_AHEAD edges ahead into a
 // slot of a block-shared ring with one sm_90 bulk copy per row (a few KB each, no registers held); a "full"
 // mbarrier per slot counts the bytes in, an "empty" mbarrier per slot counts the threads that have finished
 // reading it (each thread arrives for its own reads, so every read is ordered before the slot's next copy
-// without relying on a warp barrier), and the copying lane waits on that before it reuses the slot. Slot of
-// the edge at running position t (within the item): t % buffers; its use number t / buffers gives the parity
-// to wait on.
+// without relying on a warp barrier), and the copying lane waits on that before it reuses the slot. Slot of the edge at running
+// position t (within the item): t % buffers; its use number t / buffers gives the parity to wait on.
 // Before sm_90 no copies are made and the weights are read from global memory (RING_WEIGHT).
 template <int BUFFERS>
 __device__ __forceinline__ void ring_init(unsigned long long* bars)
 {
-    mbar_ring_init<BUFFERS>(bars, 1, THREADS);  // full: the copying lane's arrival (and the bytes); empty: all
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) {
+        for (int b = 0; b < BUFFERS; ++b) {
+            mbar_init(bars + b, 1);                   // full: the copying lane's arrival (and the bytes)
+            mbar_init(bars + BUFFERS + b, THREADS);   // empty: every thread of the block
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+#else
+    (void)bars;
+#endif
     __syncthreads();
 }
 
@@ -345,7 +302,10 @@ __device__ __forceinline__ void ring_issue(scalar_t* slot_rows, unsigned long lo
     if (t >= BUFFERS) mbar_wait_parity(bars + BUFFERS + buffer, (unsigned)((t / BUFFERS - 1) & 1));
     mbar_arrive_expect_tx(bars + buffer, (unsigned)ROW_BYTES * ((KIND == 3) ? 2u : 1u));
     const scalar_t* rows[2] = {W + e * w_stride, (KIND == 3) ? W2 + e * w_stride : nullptr};
-    const unsigned long long policy = STREAM_W ? l2_evict_first_policy() : 0ull;  // STREAM_W: rows read once
+    unsigned long long policy = 0;  // STREAM_W: the rows are read once, evict them from L2 first
+#if STREAM_W
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+#endif
 #pragma unroll
     for (int k = 0; k < 2; ++k)
         if (rows[k] != nullptr)
@@ -358,61 +318,11 @@ __device__ __forceinline__ void ring_issue(scalar_t* slot_rows, unsigned long lo
 // Every thread: it has finished reading the slot (one arrival per thread on the slot's "empty" barrier).
 __device__ __forceinline__ void ring_release(unsigned long long* empty_bar)
 {
-    mbar_arrive(empty_bar);
-}
-
-// The dW row ring (DW_RING): "full" mbarriers (every thread of the block) then "empty" ones (thread 0).
-__device__ __forceinline__ void dw_ring_init(unsigned long long* bars)
-{
-    mbar_ring_init<DW_RING_SLOTS>(bars, THREADS, 1);
-    __syncthreads();
-}
-
-// Every thread, after writing its values of the row at running position t: make them visible to the bulk
-// store (async proxy), then arrive on the slot's "full" barrier.
-__device__ __forceinline__ void dw_ring_filled(unsigned long long* bars, const index_t t)
-{
-#if DW_RING_SM90
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    mbar_arrive(bars + (int)(t % DW_RING_SLOTS));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"
+                 :: "r"((unsigned)__cvta_generic_to_shared(empty_bar)) : "memory");
 #else
-    (void)bars; (void)t;
-#endif
-}
-
-// Thread 0: send the row at running position t (edge e) once every thread has filled it, as one bulk store
-// (evict-first with STREAM_W, as the plain dW stores stream); then the row before it has been read by its
-// store, so its slot is released.
-__device__ __forceinline__ void dw_ring_send(const scalar_t* rows, unsigned long long* bars, const index_t t,
-                                             scalar_t* __restrict__ DW, const index_t e)
-{
-#if DW_RING_SM90
-    const int slot = (int)(t % DW_RING_SLOTS);
-    mbar_wait_parity(bars + slot, (unsigned)((t / DW_RING_SLOTS) & 1));
-    const unsigned src = (unsigned)__cvta_generic_to_shared(rows + slot * WN);
-    const unsigned long long dst = (unsigned long long)__cvta_generic_to_global(DW + e * WN);
-#if STREAM_W
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;"
-                 :: "l"(dst), "r"(src), "r"((unsigned)ROW_BYTES), "l"(l2_evict_first_policy()) : "memory");
-#else
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                 :: "l"(dst), "r"(src), "r"((unsigned)ROW_BYTES) : "memory");
-#endif
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-    if (t >= 1) {
-        asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
-        mbar_arrive(bars + DW_RING_SLOTS + (int)((t - 1) % DW_RING_SLOTS));
-    }
-#else
-    (void)rows; (void)bars; (void)t; (void)DW; (void)e;
-#endif
-}
-
-// Thread 0, after its item's last edge: every store has read its row (the shared memory may go).
-__device__ __forceinline__ void dw_ring_drain()
-{
-#if DW_RING_SM90
-    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    (void)empty_bar;
 #endif
 }
 

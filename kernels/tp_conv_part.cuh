@@ -4,14 +4,8 @@
 // instead of one warp whose state spills.
 __device__ __forceinline__ void $$NAME$$_part$$PART$$(CONV_PARAMS, const index_t item, const int chunk,
                                                    const int lane, scalar_t* __restrict__ dx_stage,
-                                                   scalar_t* __restrict__ row_stage, scalar_t* __restrict__ dw_stage)
+                                                   scalar_t* __restrict__ row_stage)
 {
-    (void)dw_stage;  // DW_RING: the block's dW row ring (DW_RING_SLOTS rows of WN, then its mbarriers), or null
-#if DW_RING_SM90
-    unsigned long long* const dw_bars = reinterpret_cast<unsigned long long*>(dw_stage + DW_RING_SLOTS * WN);
-    dw_ring_init(dw_bars);
-    index_t dw_prev_e = 0;  // thread 0: the edge whose row it sends next
-#endif
     (void)dx_stage;  // this warp's shared-memory stage for the coalesced dx atomics (or null)
     (void)row_stage;  // this warp's STAGE_BUFFERS buffers of rows copied ahead (STAGE_SLOTS values per lane each;
                       // the ring: the block's STAGE_BUFFERS slots, then their mbarriers)
@@ -114,11 +108,5 @@ $$SEGMENT_ZERO$$
 
 #if SEGMENTED
 $$SEGMENT_END_STORE$$
-#endif
-#if DW_RING_SM90 && !SEGMENTED
-    if (threadIdx.x == 0) {  // the item's last row, then wait until every store has read its row
-        dw_ring_send(dw_stage, dw_bars, p1 - p0 - 1, DW, dw_prev_e);
-        dw_ring_drain();
-    }
 #endif
 }

@@ -13,7 +13,7 @@ kernels may need more registers than the plain ones). Each result is compared wi
 "b:0:0" bulk-staged weight rows without the L2 prefetch, which would read every weight sector from L2 twice;
 "r:0:0:3" the whole-row ring with 4 slots), or "default" for the tables as they are, "noring" for them
 without codegen.ROW_RING, "eN" (e.g. "e64") for them with N edges per work item of the runs kernels
-(codegen.RUN_EDGES), "dwr" / "nodwr" for them with the dW row ring (codegen.DW_ROW_RING) on / off.
+(codegen.RUN_EDGES).
 """
 import argparse
 import os
@@ -29,8 +29,6 @@ from mace_accel.backends.cuda import codegen  # noqa: E402
 NAMED_SETTINGS = {
     "default": lambda kind, dname: None,
     "noring": lambda kind, dname: codegen.ROW_RING.update({(kind, dname, seg): 0 for seg in (False, True)}),
-    "dwr": lambda kind, dname: codegen.DW_ROW_RING.update({(kind, dname): True}),
-    "nodwr": lambda kind, dname: codegen.DW_ROW_RING.update({(kind, dname): False}),
 }
 
 
@@ -62,7 +60,7 @@ def main():
                     ("" if f[0] == "none" else f[0], int(f[1]), int(f[2]), int(f[3]) if len(f) > 3 else 1)
                     for t, f in ((t, t.split(":")) for t in a.settings)]
     reset = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM, codegen.PREFETCH_EDGES, codegen.STAGE_AHEAD,
-                        codegen.ROW_RING, codegen.RUN_EDGES, codegen.DW_ROW_RING)
+                        codegen.ROW_RING, codegen.RUN_EDGES)
 
     def apply(kind, dname, setting):
         reset()
@@ -82,8 +80,7 @@ def main():
     def describe(plan, kname, dname, setting):
         spec = P.call_spec(plan, kname, dname)
         return (f"stage {spec.stage or '-':2s} ahead {spec.stage_ahead} min_blocks {spec.min_blocks} "
-                f"prefetch {spec.prefetch} edges {spec.edges_per_warp if not spec.segmented else '-'}"
-                f"{' dwr' if spec.dw_ring else ''}")
+                f"prefetch {spec.prefetch} edges {spec.edges_per_warp if not spec.segmented else '-'}")
 
     P.run_sweep(a, plans, graph, dev, settings, apply, describe, reset)
 

@@ -66,9 +66,6 @@ class KernelSpec:
     #: dy of every (part, chunk) warp added with atomics into one [E, D2] row (runs variant only; the
     #: deterministic variant writes one partial row per (part, chunk), summed in a fixed order)
     dy_atomic: bool = False
-    #: the dW row ring (KIND 1, 3 runs kernels whose block is one item of one part): dW rows sent by one sm_90
-    #: bulk store each from block-shared slots, see DW_ROW_RING
-    dw_ring: bool = False
     #: sender-row atomics staged through shared memory (coalesced), see COALESCED_DX_ATOMICS
     coalesced_dx: bool = False
     #: KIND 3: also compute the gradient w.r.t. gout (OUT2). Off when the engine will not use it (the first
@@ -100,8 +97,6 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.stage = {self.stage!r}: expected one of {STAGE_CHOICES}")
         if not 1 <= self.stage_ahead < WARP_SIZE:
             raise ValueError(f"KernelSpec.stage_ahead = {self.stage_ahead}: expected 1 .. {WARP_SIZE - 1}")
-        if self.dw_ring and (self.kind not in (KIND_BACKWARD, KIND_DOUBLE) or self.segmented):
-            raise ValueError("KernelSpec.dw_ring: only the runs variant's backward and double backward kernels")
         if self.edges_per_warp < 1:
             raise ValueError(f"KernelSpec.edges_per_warp = {self.edges_per_warp}: a work item holds at least one edge")
         if self.unroll < 1 or self.unroll & (self.unroll - 1):
@@ -124,7 +119,6 @@ class KernelSpec:
                 + (f"_mb{self.min_blocks}" if self.min_blocks else "")
                 + (f"_pf{self.prefetch}" if self.prefetch else "")
                 + ("_sw" if self.stream_w else "") + ("_dya" if self.dy_atomic else "")
-                + ("_dwr" if self.dw_ring else "")
                 + ("_cx" if self.coalesced_dx else "") + ("_v4" if self.vector_dx else "")
                 + ("" if self.need_gg else "_nogg") + (f"_st{self.stage}" if self.stage else "")
                 + (f"_a{self.stage_ahead}" if self.stage and self.stage_ahead > 1 else "")
@@ -319,18 +313,13 @@ def bulk_rows_aligned(plan: TPPlan, dtype: str) -> bool:
                     for p in plan.paths))
 
 
-def _one_item_per_block(plan: TPPlan, num_parts: int) -> bool:
-    """Whether a block's warps are exactly one work item's (part, chunk) warps, so they walk the same edges."""
-    return num_parts * plan.num_chunks == WARPS_PER_BLOCK
-
-
 def ring_refusal(plan: TPPlan, spec: KernelSpec, num_parts: int) -> str:
     """Why the whole-row ring (stage "r") cannot serve this kernel ("" if it can): the block's warps must be the
     channel chunks of one work item (so they walk the same edges), a row must be a whole number of 16-byte
     bulk-copy granules and of per-lane slots, and the slot count must divide a batch of WARP_SIZE edges (the
     slot of an edge is its position in the batch modulo the slot count)."""
     buffers = spec.stage_ahead + 1
-    if not _one_item_per_block(plan, num_parts):
+    if num_parts * plan.num_chunks != WARPS_PER_BLOCK:
         return (f"needs a block to be one work item: {num_parts} part(s) x {plan.num_chunks} chunk(s) "
                 f"!= {WARPS_PER_BLOCK} warps")
     if plan.weight_numel % WARP_SIZE or plan.weight_numel * SCALAR_BYTES[spec.dtype] % BULK_ALIGN_BYTES:
@@ -411,7 +400,8 @@ class _Stage:
         """Elements per warp: the buffers of the slots, then (bulk) one mbarrier per buffer. The ring is shared
         by the block's warps: its slots and two mbarriers per slot, divided over the warps (rounded up)."""
         if self.ring:
-            return -(-ring_smem_words(self.buffers, self.ring_words, self.dtype) // WARPS_PER_BLOCK)
+            bar_words = 2 * self.buffers * MBARRIER_BYTES // SCALAR_BYTES[self.dtype]
+            return -(-(self.buffers * self.ring_words + bar_words) // WARPS_PER_BLOCK)
         if not self.slots:
             return 0
         bars = 0
@@ -572,45 +562,6 @@ def _t_stmts(code: _Code, p, y_name: str, g_name: str, t_name: str):
     return out
 
 
-def _emit_dw_begin(code: _Code, spec: KernelSpec):
-    """dW row ring: this edge's slot (running position t_item in the item), once its row three edges back has
-    been read by its store."""
-    if not spec.dw_ring:
-        return
-    code("#if DW_RING_SM90")
-    code("const index_t t_item = base - p0 + q;")
-    code("scalar_t* const dw_row = dw_stage + (int)(t_item % DW_RING_SLOTS) * WN;")
-    code("if (t_item >= DW_RING_SLOTS) mbar_wait_parity(dw_bars + DW_RING_SLOTS + (int)(t_item % DW_RING_SLOTS), "
-         "(unsigned)((t_item / DW_RING_SLOTS - 1) & 1));")
-    code("#endif")
-
-
-def _emit_dw(code: _Code, spec: KernelSpec, p, value: str):
-    """The lane's dW value of path ``p``: into the dW row ring (sm_90) or straight to DW."""
-    direct = f"  if (u < {p.mul}) STORE_DW(DW + e * WN + {p.weight_offset} + u, {value});"
-    if not spec.dw_ring:
-        code(direct)
-        return
-    code("#if DW_RING_SM90")
-    code(f"  if (u < {p.mul}) dw_row[{p.weight_offset} + u] = {value};")
-    code("#else")
-    code(direct)
-    code("#endif")
-
-
-def _emit_dw_end(code: _Code, spec: KernelSpec):
-    """dW row ring: this thread has filled its part of the row; thread 0 sends the previous edge's row."""
-    if not spec.dw_ring:
-        return
-    code("#if DW_RING_SM90")
-    code("dw_ring_filled(dw_bars, t_item);")
-    code("if (threadIdx.x == 0) {")
-    code("  if (t_item >= 1) dw_ring_send(dw_stage, dw_bars, t_item - 1, DW, dw_prev_e);")
-    code("  dw_prev_e = e;")
-    code("}")
-    code("#endif")
-
-
 def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: _Stage):
     code("const index_t s = other;  // sender")
     code("const scalar_t* __restrict__ x_row = X + s * D1;")
@@ -625,7 +576,6 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: 
         for b, (off, d, mul) in sorted(in1.items()):
             for i in range(d):
                 code(f"scalar_t dx{b}_{i} = C(0);")
-    _emit_dw_begin(code, spec)
     for p in paths:
         b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
@@ -636,13 +586,13 @@ def _backward_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: 
                 for i in t:
                     code(f"  dx{b1}_{i} += w * t{i};")
             if spec.need_dw:
-                _emit_dw(code, spec, p, " + ".join(f"x{b1}_{i} * t{i}" for i in t))
+                dw = " + ".join(f"x{b1}_{i} * t{i}" for i in t)
+                code(f"  if (u < {p.mul}) STORE_DW(DW + e * WN + {p.weight_offset} + u, {dw});")
         if spec.need_dy:
             _scaled_x(code, p)
             for j, terms in _by(p, "j", "i", "k"):
                 _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"wx{i}", lambda k: f"g{ob}_{k}"))
         code("}")
-    _emit_dw_end(code, spec)
     if spec.need_dy:
         _emit_dy_reduce(code, in2, all_in2)
     if spec.dx_mode == DX_ATOMIC:
@@ -688,7 +638,6 @@ def _double_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: _S
     for b, (off, d, mul) in sorted(in1.items()):
         for i in range(d):
             code(f"scalar_t dx{b}_{i} = C(0);")
-    _emit_dw_begin(code, spec)
     for p in paths:
         b1, o2, ob = p.in1_block, p.in2_offset, p.out_block
         code(f"{{  // path {p.index}: l{p.l1} x l{p.l2} -> l{p.lo}")
@@ -705,11 +654,11 @@ def _double_body(paths, spec: KernelSpec, code: _Code, in1, in2, all_in2, st: _S
         _t_stmts(code, p, "yb", "g", "q")
         for i in t:
             code(f"  dx{b1}_{i} += w * q{i} + v * t{i};")
-        _emit_dw(code, spec, p, " + ".join(f"xa{b1}_{i} * t{i} + x{b1}_{i} * q{i}" for i in t))
+        dw = " + ".join(f"xa{b1}_{i} * t{i} + x{b1}_{i} * q{i}" for i in t)
+        code(f"  if (u < {p.mul}) STORE_DW(DW + e * WN + {p.weight_offset} + u, {dw});")
         for j, terms in _by(p, "j", "i", "k"):
             _accumulate(code, f"dy{o2 + j}", _factored(terms, lambda i: f"z{i}", lambda k: f"g{ob}_{k}"))
         code("}")
-    _emit_dw_end(code, spec)
     _emit_dy_reduce(code, in2, all_in2)
     _emit_dx_atomic(code, in1, "OUT + s * D1", spec.coalesced_dx, spec.vector_dx)
 
@@ -1010,14 +959,6 @@ STAGE_AHEAD: Dict[Tuple[int, str], int] = {}
 ROW_RING: Dict[Tuple[int, str, bool], int] = {
     (KIND_BACKWARD, "float32", False): 1, (KIND_BACKWARD, "float64", False): 3,
     (KIND_DOUBLE, "float32", False): 3, (KIND_DOUBLE, "float64", False): 3}
-#: (kind, dtype) -> the dW row ring (KernelSpec.dw_ring; kernels/tp_conv.cu, DW_RING): every thread writes its
-#: dW values of an edge into a block-shared row, and one thread sends each complete row with one sm_90 bulk
-#: store, one edge late. Why: the bare row traffic read W[e] + write D[e] of medium layer 1 float32 took 0.731
-#: ms with plain stores and 0.599 with one bulk store per row from shared memory, in every edge order (large
-#: 1.24 vs 1.01; scripts/row_order_probe.py, row_order_probe_bulk_h100.txt), while per-warp bulk stores of
-#: 128-byte slices were slower than plain stores in every kernel (bulk_dw_sweep_h100.txt). Not yet run on a
-#: GPU: off until scripts/stage_sweep.py --settings default dwr has measured it.
-DW_ROW_RING: Dict[Tuple[int, str], bool] = {}
 #: (kind, dtype, need_gg) -> edges of one work item of the runs (atomic) kernels (default schedule.EDGES_PER_WARP:
 #: one batch of WARP_SIZE edges; need_gg is True for every kind but the double backward). An item longer than a
 #: batch is walked in batches and flushes its accumulators at every batch end as well as at every change of
@@ -1032,9 +973,8 @@ RUN_EDGES: Dict[Tuple[int, str, bool], int] = {
     (KIND_BACKWARD, "float64", True): 24, (KIND_DOUBLE, "float64", False): 16}
 
 
-def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int, int]:
-    """Elements per warp of (the dx-atomics stage, the staged-row buffers, the dW row ring), each for the
-    largest part (the dW row ring is shared by the block: its rows and mbarriers, divided over the warps)."""
+def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int]:
+    """Elements per warp of (the dx-atomics stage, the staged-row buffers), each for the largest part."""
     parts = spec.parts or (tuple(range(len(plan.paths))),)
     dx = row = 0
     for part in parts:
@@ -1044,33 +984,10 @@ def stage_words(plan: TPPlan, spec: KernelSpec) -> Tuple[int, int, int]:
             dx = max(dx, _dx_stage_words(in1, spec.coalesced_dx))
         if spec.stage:
             row = max(row, _Stage(spec, paths, in1, plan.weight_numel).words())
-    dw = -(-ring_smem_words(DW_RING_SLOTS, plan.weight_numel, spec.dtype) // WARPS_PER_BLOCK) if spec.dw_ring else 0
-    return dx, row, dw
+    return dx, row
 
 
-#: rows of the dW row ring (DW_RING_SLOTS in kernels/tp_conv.cu): thread 0 sends a row one edge late and
-#: releases it one edge later still, so a writer waits only for the store of the edge three back
-DW_RING_SLOTS = 3
-
-
-def ring_smem_words(slots: int, slot_words: int, dtype: str) -> int:
-    """Elements of a block-shared ring (the whole-row ring, the dW row ring): its slots, then a "full" and an
-    "empty" mbarrier per slot."""
-    return slots * slot_words + 2 * slots * MBARRIER_BYTES // SCALAR_BYTES[dtype]
-
-
-def dw_ring_refusal(plan: TPPlan, spec: KernelSpec, num_parts: int) -> str:
-    """Why the dW row ring cannot serve this kernel ("" if it can)."""
-    if not spec.need_dw:
-        return "has no dW rows to send"
-    if num_parts != 1 or not _one_item_per_block(plan, num_parts):
-        return f"needs a block to be one work item of one part: {num_parts} part(s) x {plan.num_chunks} chunk(s)"
-    if plan.weight_numel * SCALAR_BYTES[spec.dtype] % BULK_ALIGN_BYTES:
-        return f"needs a row of a multiple of {BULK_ALIGN_BYTES} bytes"
-    return ""
-
-
-def smem_bytes(spec: KernelSpec, words: Tuple[int, ...]) -> int:
+def smem_bytes(spec: KernelSpec, words: Tuple[int, int]) -> int:
     """Static shared memory of one block of the kernel, from its ``stage_words``."""
     return sum(words) * SCALAR_BYTES[spec.dtype] * WARPS_PER_BLOCK
 
@@ -1078,9 +995,9 @@ def smem_bytes(spec: KernelSpec, words: Tuple[int, ...]) -> int:
 #: The values :func:`table_choices` returns, in order: MIN_BLOCKS_PER_SM's entries for a kernel that walks one
 #: edge per iteration and for one that unrolls (the spec's ``min_blocks`` is picked once its parts are known),
 #: KernelSpec fields, then the output-part budget.
-TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "edges_per_warp", "prefetch", "stream_w", "dy_atomic", "dw_ring",
-                       "coalesced_dx", "need_gg", "vector_dx", "stage", "stage_ahead", "unroll", "pointer_x_loads",
-                       "stream_rows", "part_words")
+TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "edges_per_warp", "prefetch", "stream_w", "dy_atomic", "coalesced_dx",
+                       "need_gg", "vector_dx", "stage", "stage_ahead", "unroll", "pointer_x_loads", "stream_rows",
+                       "part_words")
 
 
 def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode: int, need_dy: bool,
@@ -1092,15 +1009,13 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     need_gg = need_gg or kind != KIND_DOUBLE
     coalesced_dx = COALESCED_DX_ATOMICS.get(dtype, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
     ring = ROW_RING.get((kind, dtype, segmented), 0)  # where the ring cannot serve, fit_stage falls back
-    runs = not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE)  # the runs variant's edge kernels
     stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
         EDGES_PER_WARP if segmented else RUN_EDGES.get((kind, dtype, need_gg), EDGES_PER_WARP),
         prefetch,
         STREAM_WEIGHTS.get((kind, dtype), False),
-        ATOMIC_DY and need_dy and runs,
-        DW_ROW_RING.get((kind, dtype), False) and runs,
+        ATOMIC_DY and need_dy and not segmented and kind in (KIND_BACKWARD, KIND_DOUBLE),
         coalesced_dx,
         need_gg,
         # 16-byte vector atomics need 16-byte aligned rows (the backend allocates the dx buffers, so their
@@ -1128,15 +1043,11 @@ def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
     """``spec`` with its staged rows fitted to a block's static shared memory (large layers), by one rule for
     every stage: fewer edges ahead first (half as many buffers), then fewer rows ("wx" -> "w" -> "", "bx" -> "b"
     -> ""). The whole-row ring ("r") gives way to the tables' staged rows and L2 prefetch (:func:`staged_rows`)
-    where it cannot serve the kernel (:func:`ring_refusal`) or does not fit with two slots. The dW row ring counts
-    with the stages; it goes where it cannot serve the kernel (:func:`dw_ring_refusal`) or does not fit with no
-    stage at all."""
+    where it cannot serve the kernel (:func:`ring_refusal`) or does not fit with two slots."""
     def without_ring(spec: KernelSpec) -> KernelSpec:
         stage, ahead, prefetch = staged_rows(plan, spec.kind, spec.dtype)
         return replace(spec, stage=stage, stage_ahead=ahead, prefetch=prefetch)
 
-    if spec.dw_ring and dw_ring_refusal(plan, spec, spec.num_parts):
-        spec = replace(spec, dw_ring=False)
     if "r" in spec.stage and ring_refusal(plan, spec, spec.num_parts):
         spec = without_ring(spec)
     while spec.stage and smem_bytes(spec, stage_words(plan, spec)) > SMEM_STATIC_MAX_BYTES:
@@ -1146,8 +1057,6 @@ def fit_stage(plan: TPPlan, spec: KernelSpec) -> KernelSpec:
             spec = without_ring(spec)
         else:
             spec = replace(spec, stage=spec.stage[:-1] if len(spec.stage) == 2 else "")
-    if spec.dw_ring and smem_bytes(spec, stage_words(plan, spec)) > SMEM_STATIC_MAX_BYTES:
-        spec = replace(spec, dw_ring=False)
     return spec
 
 
@@ -1170,14 +1079,10 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         why = ring_refusal(plan, spec, len(parts))
         if why:
             raise ValueError(f"kernel {prefix}: whole-row ring (stage 'r') {why}")
-    if spec.dw_ring:
-        why = dw_ring_refusal(plan, spec, len(parts))
-        if why:
-            raise ValueError(f"kernel {prefix}: dW row ring {why}")
     if spec.vector_dx and not vector_rows_aligned(plan):
         raise ValueError(f"kernel {prefix}: vector dx atomics need a row length that is a multiple of "
                          f"{VECTOR_WIDTH}, not {plan.in1_dim}")
-    dx_words, row_words, dw_words = words = stage_words(plan, spec)
+    dx_words, row_words = words = stage_words(plan, spec)
     smem = smem_bytes(spec, words)
     if smem > SMEM_STATIC_MAX_BYTES:
         raise ValueError(f"kernel {prefix}: {smem} bytes of static shared memory per block, over "
@@ -1190,15 +1095,13 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
     stage_decl += ("\n" + f"    __shared__ __align__(16) scalar_t row_stage_all[(THREADS / WARP_SIZE) * {row_words}];\n"
                    f"    scalar_t* const row_stage = row_stage_all{row_base};"
                    if row_words else "\n    scalar_t* const row_stage = nullptr;  // no staged rows in this kernel")
-    stage_decl += ("\n" + f"    __shared__ __align__(16) scalar_t dw_stage[(THREADS / WARP_SIZE) * {dw_words}];"
-                   if dw_words else "\n    scalar_t* const dw_stage = nullptr;  // dW stored by the lanes")
     part_src = "\n".join(_render_part(plan, spec, [plan.paths[i] for i in part], n, prefix)
                           for n, part in enumerate(parts))
     if len(parts) == 1:
-        dispatch = f"    {prefix}_part0(CONV_ARGS, item, chunk, lane, dx_stage, row_stage, dw_stage);"
+        dispatch = f"    {prefix}_part0(CONV_ARGS, item, chunk, lane, dx_stage, row_stage);"
     else:
         dispatch = "    switch (part) {\n" + "\n".join(
-            f"    case {n}: {prefix}_part{n}(CONV_ARGS, item, chunk, lane, dx_stage, row_stage, dw_stage); break;"
+            f"    case {n}: {prefix}_part{n}(CONV_ARGS, item, chunk, lane, dx_stage, row_stage); break;"
             for n in range(len(parts))
         ) + "\n    }"
     subs = {
@@ -1210,8 +1113,6 @@ def render(plan: TPPlan, spec: KernelSpec) -> Dict[str, str]:
         "PREFETCH_EDGES": str(spec.prefetch),
         "STREAM_W": str(int(spec.stream_w)),
         "DY_ATOMIC": str(int(spec.dy_atomic)),
-        "DW_RING": str(int(spec.dw_ring)),
-        "DW_RING_SLOTS": str(DW_RING_SLOTS),
         "EDGES_PER_WARP": str(spec.edges_per_warp),
         "SEGMENTED": str(int(spec.segmented)),
         "KIND": str(spec.kind),
