@@ -80,7 +80,8 @@ def test_target_check(bench_conv):
 
 def test_bench_conv_dry_run(bench_conv, tmp_path, monkeypatch, capsys):
     """All modes on the layer-1 config; "ours_det" deliberately broken; the double-backward reference
-    made to "fail" so the sub-graph check path runs."""
+    made to "fail" so the sub-graph check path runs (double_vjp, the same passes with the cotangents handed to
+    autograd, checked on the full graph)."""
     real_make_impl = bench_conv.make_impl
 
     def make_impl(name, cfg, dtype, device, args):
@@ -109,7 +110,7 @@ def test_bench_conv_dry_run(bench_conv, tmp_path, monkeypatch, capsys):
     c = rep["configs"]["L1m"]
     assert c["irreps_in1"] == "4x0e+4x1o" and c["flops_per_edge"]["forward"] > 0
     res = {(r["mode"], r["impl"]): r for r in rep["results"]}
-    assert len(res) == 3 * len(bench_conv.IMPLS)
+    assert len(res) == len(bench_conv.MODES) * len(bench_conv.IMPLS)
     n_edges = rep["graph"]["num_edges"]
     for mode in ("fwd", "fwd_bwd"):
         assert res[(mode, "e3nn")]["status"] == "reference" and res[(mode, "e3nn")]["median_ms"] > 0
@@ -134,7 +135,8 @@ def test_bench_conv_dry_run(bench_conv, tmp_path, monkeypatch, capsys):
         if not peer["available"]:
             assert res[("fwd", impl)]["status"] == "unavailable" and res[("fwd", impl)]["error"]
     tail = capsys.readouterr().out.strip().splitlines()
-    assert tail[-1].startswith("L1m  f64 double") and "MISMATCH" in tail[-1]
+    assert tail[-2].startswith("L1m  f64 double ") and "MISMATCH" in tail[-2]
+    assert tail[-1].startswith("L1m  f64 double_vjp") and "MISMATCH" in tail[-1]
     assert any(line.startswith("== bench_conv") for line in tail[-8:])
 
 
