@@ -202,10 +202,14 @@ STREAM_RECEIVER_ROWS: Dict[Tuple[int, str], bool] = {(KIND_BACKWARD, "float32"):
 #: same); without d/dgout large float64 5.33 -> 5.16 and 5.74 -> 5.49 (spread 5.25-5.88), float32 2.06 ->
 #: 2.08 (off); backward large float32 1.49 -> 1.47, and with STREAM_RECEIVER_ROWS 1.483 -> 1.437 against
 #: 1.445 for the streamed rows alone (layout_sweep_bwd_combos_h100.txt; medium 0.758 -> 0.755); forwards
-#: slower (large float32 0.69 -> 0.77, medium 0.35 -> 0.42).
+#: slower (large float32 0.69 -> 0.77, medium 0.35 -> 0.42). With the whole-row ring (v28,
+#: layout_ring_sweep_h100.txt, two repeats each): float32 double without d/dgout on, large 1.924-1.925 ->
+#: 1.912-1.913, medium 1.033-1.034 -> 1.030-1.031, layer 0 0.441 -> 0.441-0.442 (so it joined the table);
+#: medium float32 backward and layer-0 float64 backward and no-gg double the same either way.
 POINTER_X_LOADS: Dict[Tuple[int, str, bool], bool] = {
     (KIND_BACKWARD, "float32", True): True,
     (KIND_DOUBLE, "float32", True): True,
+    (KIND_DOUBLE, "float32", False): True,
     (KIND_DOUBLE, "float64", True): True,
     (KIND_DOUBLE, "float64", False): True,
 }
