@@ -89,6 +89,16 @@ typedef long long index_t;
 static_assert(EDGES_PER_WARP >= 1, "a work item of the runs variant holds at least one edge");
 static_assert(PREFETCH_EDGES < WARP_SIZE, "prefetch distance must stay inside one batch of edges");
 
+// sm_90: an L2 cache policy that evicts what it reads first (rows used once, STREAM_W); 0 before sm_90.
+__device__ __forceinline__ unsigned long long l2_evict_first_policy()
+{
+    unsigned long long policy = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+#endif
+    return policy;
+}
+
 // Hint: bring the weight row(s) of edge e into L2 (no registers held, no effect on results): on sm_90+ one
 // bulk prefetch per row (16-byte aligned start, size rounded down to 16 bytes); older GPUs skip it.
 __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict__ W, const scalar_t* __restrict__ W2,
@@ -105,10 +115,8 @@ __device__ __forceinline__ void prefetch_weight_rows(const scalar_t* __restrict_
         const unsigned long long end = (a + (unsigned long long)ROW_BYTES) & ~15ull;
         if (end > start) {
 #if STREAM_W
-            unsigned long long policy;
-            asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
             asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;"
-                         :: "l"(start), "r"((unsigned)(end - start)), "l"(policy));
+                         :: "l"(start), "r"((unsigned)(end - start)), "l"(l2_evict_first_policy()));
 #else
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
                          :: "l"(start), "r"((unsigned)(end - start)));
@@ -159,6 +167,15 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar, const unsigne
                  :: "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(count) : "memory");
 #else
     (void)bar; (void)count;
+#endif
+}
+
+// After the calling thread's mbar_init calls: make the initialised barriers visible to the other threads and
+// to the bulk-copy unit before any of them uses one.
+__device__ __forceinline__ void mbar_init_fence()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 #endif
 }
 
@@ -219,7 +236,7 @@ __device__ __forceinline__ void bulk_init(unsigned long long* bars)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if ((threadIdx.x & (WARP_SIZE - 1)) == 0) {
         for (int b = 0; b < BUFFERS; ++b) mbar_init(bars + b, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        mbar_init_fence();
     }
 #else
     (void)bars;
@@ -283,7 +300,7 @@ __device__ __forceinline__ void ring_init(unsigned long long* bars)
             mbar_init(bars + b, 1);                   // full: the copying lane's arrival (and the bytes)
             mbar_init(bars + BUFFERS + b, THREADS);   // empty: every thread of the block
         }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        mbar_init_fence();
     }
 #else
     (void)bars;
@@ -302,10 +319,8 @@ __device__ __forceinline__ void ring_issue(scalar_t* slot_rows, unsigned long lo
     if (t >= BUFFERS) mbar_wait_parity(bars + BUFFERS + buffer, (unsigned)((t / BUFFERS - 1) & 1));
     mbar_arrive_expect_tx(bars + buffer, (unsigned)ROW_BYTES * ((KIND == 3) ? 2u : 1u));
     const scalar_t* rows[2] = {W + e * w_stride, (KIND == 3) ? W2 + e * w_stride : nullptr};
-    unsigned long long policy = 0;  // STREAM_W: the rows are read once, evict them from L2 first
-#if STREAM_W
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-#endif
+    // STREAM_W: the rows are read once, evict them from L2 first
+    const unsigned long long policy = STREAM_W ? l2_evict_first_policy() : 0ull;
 #pragma unroll
     for (int k = 0; k < 2; ++k)
         if (rows[k] != nullptr)
