@@ -19,19 +19,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import torch  # noqa: E402
-from host_profile import conv_calls, host_us  # noqa: E402
+from host_profile import _Identity, conv_calls, host_us  # noqa: E402
 
 from mace_accel.backends import cuda as B  # noqa: E402
-
-
-class _Identity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 def _single_thread(fn):
