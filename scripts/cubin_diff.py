@@ -15,21 +15,13 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-import part_sweep as P  # noqa: E402
+import part_sweep as P  # noqa: E402  (puts tests/ on the path)
+from tp_cases import launched_specs  # noqa: E402
 
 from mace_accel.backends.cuda import codegen  # noqa: E402
 from mace_accel.backends.cuda.compiler import nvrtc_compile  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-def launched_specs(plan, dt: str):
-    """(label, spec) of every kernel the backend launches for ``plan`` in dtype ``dt``."""
-    B = P.B
-    out = [(k, P.call_spec(plan, k, dt)) for k in ("fwd", "bwd", "bwd_det", "double", "double_nogg")]
-    out.append(("grad_x", B._spec(plan, codegen.KIND_GRAD_X, dt, True)))
-    out.append(("tp_bwd", B._spec(plan, codegen.KIND_BACKWARD, dt, True, codegen.DX_STORE, True, True)))
-    return out
 
 
 def old_template(rev: str):
@@ -56,7 +48,7 @@ def main() -> int:
     same, differ, seen = 0, [], set()
     for cfg, plan in plans.items():
         for dt in a.dtypes:
-            for label, spec in launched_specs(plan, dt):
+            for label, spec in launched_specs(plan, dt).items():
                 if (cfg, spec) in seen:
                     continue
                 seen.add((cfg, spec))
@@ -69,12 +61,12 @@ def main() -> int:
                         codegen.template_text = new_text
                     cubins.append(nvrtc_compile(r["source"], r["name"], a.arch))
                 name = r["name"]
-                if cubins[0] == cubins[1]:
-                    same += 1
-                else:
+                identical = cubins[0] == cubins[1]
+                same += identical
+                if not identical:
                     differ.append(f"{cfg} {dt} {label} ({name})")
                 print(f"{cfg:8s} {dt} {label:12s} stage={spec.stage or '-':2s} "
-                      f"{'same' if cubins[0] == cubins[1] else 'DIFFERENT'} ({len(cubins[0])} bytes)", flush=True)
+                      f"{'same' if identical else 'DIFFERENT'} ({len(cubins[0])} bytes)", flush=True)
     print(f"{same} kernels compile to identical cubins for {a.arch}; {len(differ)} differ")
     for d in differ:
         print("  differs:", d)

@@ -77,7 +77,9 @@ extern "C" __global__ void __launch_bounds__(128) rows_bulk(const scalar_t* __re
     if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 """
-MODES = {"read1": 0, "rw": 1, "r2w": 2, "rwp": 3, "rwb": 1}
+#: probe -> (kernel, its mode argument (rows_bulk takes none it reads), row tensors of E x WN it moves)
+PROBES = {"read1": ("rows", 0, 1), "rw": ("rows", 1, 2), "r2w": ("rows", 2, 3), "rwp": ("rows", 3, 2),
+          "rwb": ("rows_bulk", 0, 2)}
 CELLS = (("layer0", "float64"), ("medium1", "float32"), ("large1", "float32"))
 
 
@@ -94,17 +96,17 @@ def main():
         wn = plan.weight_numel
         mod = cupy.RawModule(code=SRC.replace("SCALAR", "float" if dname == "float32" else "double")
                              .replace("WN", str(wn)), backend="nvrtc")
-        fn, fn_bulk = mod.get_function("rows"), mod.get_function("rows_bulk")
+        kernels = {name: mod.get_function(name) for name in ("rows", "rows_bulk")}
         W, V, D = (torch.randn(e, wn, device=dev, dtype=dtype) for _ in range(3))
         row_mb = e * wn * W.element_size() / 1e6
         print(f"\n{cfg} {dname}: {e} edges x {wn} weights = {row_mb:.0f} MB per row tensor", flush=True)
         for oname, perm in orders.items():
-            for mname, mode in MODES.items():
+            for mname, (kname, mode, tensors) in PROBES.items():
                 args = (B._ptr(W), B._ptr(V), B._ptr(D), 0 if perm is None else B._ptr(perm), e, mode)
-                k = fn_bulk if mname == "rwb" else fn
-                t = P.C.time_fn(lambda: B.run_on_torch_stream(k, dev, (e + 31) // 32, 128, args), dev, 3, 20)
+                fn = kernels[kname]
+                t = P.C.time_fn(lambda: B.run_on_torch_stream(fn, dev, (e + 31) // 32, 128, args), dev, 3, 20)
                 ms = t["median_ms"]
-                mb = row_mb * (2 if mode == 3 else mode + 1)
+                mb = row_mb * tensors
                 print(f"  {oname:8s} {mname:5s} {ms:7.3f} ms  {mb / ms / 1e3:6.2f} TB/s", flush=True)
         for tname, f in (("torch copy_", lambda: D.copy_(W)), ("torch add", lambda: torch.add(W, V, out=D))):
             ms = P.C.time_fn(f, dev, 3, 20)["median_ms"]

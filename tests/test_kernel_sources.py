@@ -10,7 +10,7 @@ from mace_accel.backends.cuda.codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND
 from mace_accel.plan import build_plan
 from mace_accel.plan.schedule import EDGES_PER_WARP
 from mace_accel.problem import TPProblem
-from tp_cases import mace_conv_args
+from tp_cases import launched_specs, mace_conv_args
 
 
 def _split_specs(plan, dtype):
@@ -76,20 +76,6 @@ def _option_specs(dtype):
                        stream_rows=True, stage="x")]
 
 
-def _launched_specs(plan, dtype):
-    """The specs the CUDA backend builds for its launches (backends.cuda._spec: parts, prefetch, dy atomics,
-    staged dx atomics as the tables pick them for this plan and dtype)."""
-    from mace_accel.backends.cuda import _spec
-
-    return [_spec(plan, KIND_FORWARD, dtype, True),                                 # conv / plain forward
-            _spec(plan, KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True),        # atomic backward
-            _spec(plan, KIND_BACKWARD, dtype, True, DX_NONE, True, True),           # deterministic backward
-            _spec(plan, KIND_BACKWARD, dtype, True, DX_STORE, True, True),          # plain backward
-            _spec(plan, KIND_GRAD_X, dtype, True),                                  # deterministic dx
-            _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True),          # fused double backward
-            _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, need_gg=False)]  # ... without gg
-
-
 def _compiler():
     if shutil.which("nvcc"):
         return "nvcc"
@@ -118,7 +104,7 @@ def test_generated_sources_compile(layer, tmp_path):
     plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
     specs = [spec for dt in ("float32", "float64")
              for spec in _specs(dt) + _split_specs(plan, dt) + [fit_stage(plan, sp) for sp in _option_specs(dt)]
-             + _launched_specs(plan, dt)]
+             + list(launched_specs(plan, dt).values())]
     jobs = [(spec, render(plan, spec)) for spec in dict.fromkeys(specs)]  # each distinct spec once
 
     def build(job):

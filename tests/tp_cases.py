@@ -58,6 +58,22 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def launched_specs(plan, dtype: str):
+    """{label: spec} of every kernel the CUDA backend launches for ``plan`` in ``dtype`` (backends.cuda._spec:
+    parts, prefetch, dy atomics, staged rows as the tables pick them now). For tests and sweeps."""
+    from mace_accel.backends.cuda import _spec
+    from mace_accel.backends.cuda.codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE,
+                                                  KIND_FORWARD, KIND_GRAD_X)
+
+    return {"fwd": _spec(plan, KIND_FORWARD, dtype, True),                           # conv / plain forward
+            "bwd": _spec(plan, KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True),  # atomic backward
+            "bwd_det": _spec(plan, KIND_BACKWARD, dtype, True, DX_NONE, True, True),  # deterministic backward
+            "tp_bwd": _spec(plan, KIND_BACKWARD, dtype, True, DX_STORE, True, True),  # plain backward
+            "grad_x": _spec(plan, KIND_GRAD_X, dtype, True),                         # deterministic dx
+            "double": _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True),  # fused double backward
+            "double_nogg": _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, need_gg=False)}
+
+
 def launch_edge_kernel(plan, spec, x, y, w, g, sender, receiver, ggx=None, ggy=None, ggw=None, dw_fill=None):
     """One launch of an atomic backward or fused double-backward kernel ``spec`` (GPU), walking runs of
     ``spec.edges_per_warp`` edges or, with ``spec.segmented``, one receiver segment per work item; the outputs
