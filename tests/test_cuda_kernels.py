@@ -623,3 +623,82 @@ def test_segmented_atomic_kernels_match_runs(dtype):
     with pytest.raises(ValueError, match="d/dgout"):
         codegen.render(plan, replace(B._spec(plan, codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True),
                                      segmented=True))
+
+
+def _check_grad_of_gout(conv, tp64, x, y, w, s, r, dtype):
+    """The second-order gradients with gout requiring grad too (the fused double backward's d/dgout) match
+    e3nn's."""
+    n = x.shape[0]
+    go = torch.randn(n, conv.plan.out_dim, dtype=torch.float64, device=DEV)
+    vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
+
+    def second(fn, args, go):
+        args = [a.clone().requires_grad_(True) for a in args]
+        go = go.clone().requires_grad_(True)
+        g1 = torch.autograd.grad(fn(*args), args, go, create_graph=True)
+        return torch.autograd.grad(sum((a * v.to(a.dtype)).sum() for a, v in zip(g1, vs)), args + [go])
+
+    ref = second(lambda a, b, c: e3nn_conv(tp64, a, b, c, s, r, n), [t.double() for t in (x, y, w)], go)
+    out = second(lambda a, b, c: conv(a, b, c, s, r), [x, y, w], go.to(dtype))
+    for name, a, b in zip("xywg", out, ref):
+        assert rel(a.double(), b) < TOL[dtype][1], f"with d/dgout: d/d{name}"
+
+
+#: Which weight-row stages the older-GPU test puts the kernels on: the tables' own choices (the whole-row ring
+#: in the runs kernels, output parts with staged rows in large float64), every kind on per-lane staged rows
+#: (cp.async from sm_80, plain copies before), or on bulk-staged rows (sm_90 bulk copies and mbarriers; before
+#: sm_90 one lane copies and a warp barrier stands in), with the L2 prefetch asked for (an sm_90 instruction).
+OLDER_GPU_STAGES = {"tables": None, "staged": "wx", "bulk": "bx"}
+
+
+@pytest.mark.parametrize("stages", list(OLDER_GPU_STAGES))
+@pytest.mark.parametrize("arch", ["compute_80", "compute_75"])
+def test_older_gpu_code_paths_vs_e3nn(arch, stages, monkeypatch):
+    """The kernels as an A100 (compute_80: every sm_90 branch off, so no bulk copies, mbarriers, L2 prefetch,
+    evict-first policies or vector atomics; the whole-row ring reads its weights from global memory) and a T4
+    (compute_75: no cp.async either) run them, compiled as PTX for that architecture and JIT-compiled by the
+    driver for this GPU (backends.cuda.target_arch_override): every kernel kind of both variants, the
+    receiver grouping and the plain tensor product match e3nn to every derivative order, d/dgout included,
+    in float32 and float64. Afterwards the kernels are this GPU's own again."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen, compiler
+
+    kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
+    layers = ("layer0", "medium1", "large1")
+    if OLDER_GPU_STAGES[stages]:
+        monkeypatch.setattr(codegen, "STAGED_ROWS", _every(kinds, OLDER_GPU_STAGES[stages]))
+        monkeypatch.setattr(codegen, "ROW_RING", {})
+        monkeypatch.setattr(codegen, "PREFETCH_EDGES", _every(kinds, 1))
+        layers = ("layer0", "medium1")
+    monkeypatch.setattr(B, "_SPECS", {})
+    own = compiler.target_arch(torch.cuda.current_device())
+    with B.target_arch_override(arch):
+        assert compiler.target_arch(torch.cuda.current_device()) == arch
+        for layer in layers:
+            node, sh, mid, ins = mace_conv_args(layer, mul=128)
+            tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+            for dtype in (torch.float32, torch.float64):
+                for deterministic in (False, True):
+                    conv = mace_accel.TensorProductConv(node, sh, mid, ins, deterministic=deterministic)
+                    x, y, w, s, r = _inputs(conv, 50, 700, dtype, seed=41)
+                    _check(conv, tp64, x, y, w, s, r, dtype)
+                    if stages == "bulk":
+                        _check_misaligned_weights(conv, tp64, x, y, w, s, r, dtype)
+                    if not deterministic:
+                        _check_grad_of_gout(conv, tp64, x, y, w, s, r, dtype)
+        if stages == "tables":
+            node, sh, mid, ins = mace_conv_args("medium1", mul=32)
+            m = mace_accel.TensorProduct(node, sh, mid, ins)
+            tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
+            for dtype in (torch.float32, torch.float64):
+                x, y = torch.randn(300, node.dim, dtype=dtype, device=DEV), torch.randn(300, sh.dim, dtype=dtype,
+                                                                                         device=DEV)
+                w = torch.randn(300, m.weight_numel, dtype=dtype, device=DEV)
+                go = torch.randn(300, mid.dim, dtype=torch.float64, device=DEV)
+                vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
+                ref = _all_orders(tp64, [t.double() for t in (x, y, w)], go, vs)
+                out = _all_orders(m, [x, y, w], go.to(dtype), [v.to(dtype) for v in vs])
+                assert rel(out[0].double(), ref[0]) < TOL[dtype][0], "plain tensor product"
+                for order in (1, 2):
+                    _assert_close("xyw", out[order], ref[order], dtype, f"plain tensor product, order {order}")
+    assert compiler.target_arch(torch.cuda.current_device()) == own

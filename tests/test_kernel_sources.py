@@ -1,4 +1,6 @@
-"""CPU: every generated kernel source compiles for sm_90 (nvcc here; NVRTC where CuPy can load it)."""
+"""CPU: every generated kernel source compiles for sm_90 (nvcc here; NVRTC where CuPy can load it), and, as PTX,
+for the older GPUs' code paths (sm_80, sm_75; NVRTC)."""
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -399,3 +401,53 @@ def test_run_edges_set_the_items_of_the_runs_kernels(monkeypatch):
     assert B._spec(plan, KIND_DOUBLE, "float64", False, DX_ATOMIC, True, True).edges_per_warp == EDGES_PER_WARP
     with pytest.raises(ValueError, match="edges_per_warp"):
         KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, edges_per_warp=0)
+
+
+def _nvrtc_or_skip():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception:
+        pytest.skip("NVRTC is not available on this machine")
+
+
+#: PTX that only the sm_90 branches of the templates emit: bulk copies and prefetches, mbarriers, L2 cache
+#: policies, vector atomics (``atomicAdd`` on a float4: ``atom.global.add.v4.f32``; as a ``red`` too).
+SM90_ONLY = (r"\bcp\.async\.bulk", r"\bmbarrier\b", r"\bcreatepolicy\b", r"\b(atom|red)(\.global)?\.add\.v4\.")
+
+
+@pytest.mark.parametrize("layer", ["layer0", "medium1", "large1"])
+def test_sources_compile_for_older_gpus_without_their_missing_instructions(layer):
+    """Every kernel the backend launches, plus the staged-row, bulk-staged and layout variants, compiles to PTX
+    for compute_80 (A100) and compute_75 (T4) -- the ``__CUDA_ARCH__ < 900`` branches, which the sm_90 build
+    never compiles -- and that PTX uses none of the sm_90 instructions (and, for compute_75, no cp.async);
+    the compute_90 PTX of the same ring kernels does use bulk copies and mbarriers (the check can fail)."""
+    _nvrtc_or_skip()
+    from mace_accel.backends.cuda.compiler import nvrtc_compile
+
+    node, sh, mid, ins = mace_conv_args(layer, mul=128)
+    plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    specs = [spec for dt in ("float32", "float64")
+             for spec in list(launched_specs(plan, dt).values()) + [fit_stage(plan, sp) for sp in _option_specs(dt)]]
+    jobs = [(spec, render(plan, spec), arch) for spec in dict.fromkeys(specs)
+            for arch in ("compute_80", "compute_75") + (("compute_90",) if spec.stage == "r" else ())]
+
+    def build(job):
+        spec, r, arch = job
+        return spec, arch, nvrtc_compile(r["source"], r["name"], arch).decode()
+
+    rings = vector_atomics = 0
+    with ThreadPoolExecutor(2) as pool:
+        for spec, arch, ptx in pool.map(build, jobs):
+            assert f".target sm_{arch[-2:]}" in ptx, (spec.tag(), arch)
+            if arch == "compute_90":
+                rings += 1
+                assert "cp.async.bulk" in ptx and "mbarrier" in ptx, spec.tag()
+                vector_atomics += bool(spec.vector_dx and re.search(SM90_ONLY[3], ptx))
+                continue
+            for instr in SM90_ONLY + ((r"\bcp\.async\b",) if arch == "compute_75" else ()):
+                assert not re.search(instr, ptx), f"{spec.tag()} for {arch} uses {instr}"
+    assert rings, "no launched kernel takes the whole-row ring"
+    # medium layer 1's float32 fused double adds its sender rows with vector atomics (checked there)
+    assert vector_atomics or layer != "medium1", "the float32 double's vector atomics were not found in its PTX"

@@ -6,6 +6,7 @@ accumulates into zeroed buffers.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import replace
@@ -51,6 +52,25 @@ def compiled(plan_key: str, spec, device_index: int, render_fn):
         with _LOCK:
             _FUNCS[key] = fn
     return fn
+
+
+@contextlib.contextmanager
+def target_arch_override(arch: Optional[str]):
+    """Within the block, compile and load every generated kernel for ``arch`` (e.g. ``compute_80``: PTX that runs
+    an A100's code paths on a newer GPU; see :mod:`.compiler`), then go back to the previous target. The
+    kernels loaded before are forgotten on entry and on exit, so no launch mixes targets."""
+    from . import compiler
+
+    previous = compiler.arch_override()
+    compiler.set_arch_override(arch)
+    with _LOCK:
+        _FUNCS.clear()
+    try:
+        yield
+    finally:
+        compiler.set_arch_override(previous)
+        with _LOCK:
+            _FUNCS.clear()
 
 
 def _function(plan: TPPlan, spec: KernelSpec, device_index: int):
