@@ -421,8 +421,9 @@ SM90_ONLY = (r"\bcp\.async\.bulk", r"\bmbarrier\b", r"\bcreatepolicy\b", r"\b(at
 def test_sources_compile_for_older_gpus_without_their_missing_instructions(layer):
     """Every kernel the backend launches, plus the staged-row, bulk-staged and layout variants, compiles to PTX
     for compute_80 (A100) and compute_75 (T4) -- the ``__CUDA_ARCH__ < 900`` branches, which the sm_90 build
-    never compiles -- and that PTX uses none of the sm_90 instructions (and, for compute_75, no cp.async);
-    the compute_90 PTX of the same ring kernels does use bulk copies and mbarriers (the check can fail)."""
+    never compiles -- and that PTX uses none of the sm_90 instructions (and, for compute_75, no cp.async) and
+    declares no ring slots; the compute_90 PTX of the same ring kernels does use bulk copies, mbarriers and
+    the slots (the checks can fail)."""
     _nvrtc_or_skip()
     from mace_accel.backends.cuda.compiler import nvrtc_compile
 
@@ -443,11 +444,14 @@ def test_sources_compile_for_older_gpus_without_their_missing_instructions(layer
             assert f".target sm_{arch[-2:]}" in ptx, (spec.tag(), arch)
             if arch == "compute_90":
                 rings += 1
-                assert "cp.async.bulk" in ptx and "mbarrier" in ptx, spec.tag()
+                assert "cp.async.bulk" in ptx and "mbarrier" in ptx and "row_stage_all" in ptx, spec.tag()
                 vector_atomics += bool(spec.vector_dx and re.search(SM90_ONLY[3], ptx))
                 continue
             for instr in SM90_ONLY + ((r"\bcp\.async\b",) if arch == "compute_75" else ()):
                 assert not re.search(instr, ptx), f"{spec.tag()} for {arch} uses {instr}"
+            # nothing fills the ring's slots before sm_90: the compiler drops them, leaving the shared memory
+            # to more resident blocks
+            assert spec.stage != "r" or "row_stage_all" not in ptx, f"{spec.tag()} for {arch} keeps the ring slots"
     assert rings, "no launched kernel takes the whole-row ring"
     # medium layer 1's float32 fused double adds its sender rows with vector atomics (checked there)
     assert vector_atomics or layer != "medium1", "the float32 double's vector atomics were not found in its PTX"
