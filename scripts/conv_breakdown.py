@@ -6,7 +6,8 @@ For each layer config, dtype and mode (fwd, fwd_bwd, double) on the benchmark's 
 TensorProductConv the way bench_conv times it (receiver order forgotten before every call, so the sort is
 paid) under torch.profiler and prints the GPU time per kernel name, summed over the profiled calls and divided
 by their number. Also prints the CUDA-event median of the same call, to compare with the sum of kernels
-(the difference is GPU idle time: host launch overhead).
+(the difference is GPU idle time: host launch overhead). The double mode is bench_conv's (gout constant, so the
+fused double backward without d/dgout) unless ``--gout-grad``.
 """
 import argparse
 import os
@@ -38,11 +39,11 @@ def make_call(conv, s, r, n, mode, x, y, w, g):
             return torch.autograd.grad(out, (x, y, w), g)
         return fb
 
-    def dbl():
+    def dbl():  # bench_conv's double when g needs no gradient (the no-gg kernel), else also d/dg
         out = fwd()
         gx, gy, gw = torch.autograd.grad(out, (x, y, w), g, create_graph=True)
         return torch.autograd.grad((gx * x.detach()).sum() + (gy * y.detach()).sum() + (gw * w.detach()).sum(),
-                                   (x, y, w, g))
+                                   (x, y, w, g) if g.requires_grad else (x, y, w))
     return dbl
 
 
@@ -69,6 +70,9 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["layer0", "medium1", "large1"])
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd_bwd", "double"])
+    ap.add_argument("--gout-grad", action="store_true",
+                    help="double: also the gradient w.r.t. gout (the fused kernel with d/dgout; bench_conv's "
+                         "double does not ask for it)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     s, r, n, e = C.cu_graph_on(dev)
@@ -81,7 +85,7 @@ def main():
             x = torch.randn(n, node.dim, device=dev, dtype=dtype, requires_grad=True)
             y = torch.randn(e, sh.dim, device=dev, dtype=dtype, requires_grad=True)
             w = torch.randn(e, conv.weight_numel, device=dev, dtype=dtype, requires_grad=True)
-            g = torch.randn(n, mid.dim, device=dev, dtype=dtype, requires_grad=True)
+            g = torch.randn(n, mid.dim, device=dev, dtype=dtype, requires_grad=a.gout_grad)
             for mode in a.modes:
                 fn = make_call(conv, s, r, n, mode, x, y, w, g)
                 t = C.time_fn(fn, dev, 5, 20)["median_ms"]
