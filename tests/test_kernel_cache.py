@@ -74,6 +74,7 @@ def test_target_is_the_gpus_own_cubin_or_ptx_for_a_gpu_newer_than_nvrtc():
     with pytest.raises(compiler.KernelCompileError, match="older than every architecture"):
         compiler.choose_arch(70, NVRTC_13_ARCHS)
     assert compiler.is_ptx_target("compute_80") and not compiler.is_ptx_target("sm_90")
+    assert compiler._cuda_version(13000) == "13.0" and compiler._cuda_version(12080) == "12.8"
 
 
 def test_target_override_runs_older_code_paths_and_refuses_what_cannot_load():

@@ -187,6 +187,11 @@ def target_arch(device_index: int) -> str:
     return arch
 
 
+def _cuda_version(v: int) -> str:
+    """12080 -> "12.8" (the runtime's and driver's version encoding)."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
 def toolkit_version() -> str:
     from cupy_backends.cuda.libs import nvrtc
 
@@ -229,7 +234,12 @@ def load_function(source: str, name: str, device_index: int):
                 try:
                     mod.load(cubin)  # a cubin, or PTX that the driver compiles for this GPU
                 except Exception as exc:
+                    hint = ""
+                    if is_ptx_target(arch):  # the driver must know the PTX version NVRTC wrote
+                        hint = (f" (PTX from {toolkit_version()}; the driver supports CUDA "
+                                f"{_cuda_version(cupy.cuda.runtime.driverGetVersion())}: a driver older than "
+                                "the NVRTC cannot compile its PTX)")
                     raise KernelCompileError(f"mace_accel: the CUDA driver could not load {name} compiled for "
-                                             f"{arch} on device {device_index}: {exc}") from exc
+                                             f"{arch} on device {device_index}: {exc}{hint}") from exc
             _MODULES[key_mem] = mod
     return mod.get_function(name)
