@@ -455,3 +455,21 @@ def test_sources_compile_for_older_gpus_without_their_missing_instructions(layer
     assert rings, "no launched kernel takes the whole-row ring"
     # medium layer 1's float32 fused double adds its sender rows with vector atomics (checked there)
     assert vector_atomics or layer != "medium1", "the float32 double's vector atomics were not found in its PTX"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_100", "sm_120"])
+def test_launched_kernels_build_cubins_for_other_gpus(arch):
+    """Every kernel the backend launches for the MACE-MP-0 layers builds (ptxas included) into a cubin for the
+    A100 (sm_80), the RTX 30 / A10 / A40 (sm_86) and the Blackwell GPUs (sm_100, sm_120), whose sm_90 branches
+    (bulk copies, mbarriers, vector atomics) must assemble there too."""
+    _nvrtc_or_skip()
+    from mace_accel.backends.cuda.compiler import nvrtc_compile
+
+    jobs = []
+    for layer in ("layer0", "medium1", "large1"):
+        node, sh, mid, ins = mace_conv_args(layer, mul=128)
+        plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+        jobs += [render(plan, spec) for dt in ("float32", "float64") for spec in launched_specs(plan, dt).values()]
+    with ThreadPoolExecutor(2) as pool:
+        for r, cubin in zip(jobs, pool.map(lambda r: nvrtc_compile(r["source"], r["name"], arch), jobs)):
+            assert cubin[:4] == b"\x7fELF", f"{r['name']} for {arch}: not a cubin"
