@@ -19,7 +19,7 @@ import part_sweep as P  # noqa: E402  (puts tests/ on the path)
 from tp_cases import launched_specs  # noqa: E402
 
 from mace_accel.backends.cuda import codegen  # noqa: E402
-from mace_accel.backends.cuda.compiler import nvrtc_compile  # noqa: E402
+from mace_accel.backends.cuda.compiler import nvrtc_compile, parse_arch  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -48,7 +48,7 @@ def main() -> int:
     same, differ, seen = 0, [], set()
     for cfg, plan in plans.items():
         for dt in a.dtypes:
-            for label, spec in launched_specs(plan, dt).items():
+            for label, spec in launched_specs(plan, dt, sm90=parse_arch(a.arch)[1] >= 90).items():
                 if (cfg, spec) in seen:
                     continue
                 seen.add((cfg, spec))

@@ -74,15 +74,17 @@ def precompile(jobs) -> None:
 
 
 def call_spec(plan, kname: str, dt: str):
-    """The spec the backend launches for sweep_calls' call ``kname``, under the current tables."""
+    """The spec the backend launches for sweep_calls' call ``kname`` on device 0, under the current tables and
+    compile target (MACE_ACCEL_ARCH)."""
+    sm90 = B.target_is_sm90(0)
     if kname == "fwd":
-        return B._spec(plan, codegen.KIND_FORWARD, dt, True)
+        return B._spec(plan, codegen.KIND_FORWARD, dt, True, sm90=sm90)
     if kname == "bwd":
-        return B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True)
+        return B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True, sm90=sm90)
     if kname == "bwd_det":
-        return B._spec(plan, codegen.KIND_BACKWARD, dt, True, codegen.DX_NONE, True, True)
+        return B._spec(plan, codegen.KIND_BACKWARD, dt, True, codegen.DX_NONE, True, True, sm90=sm90)
     return B._spec(plan, codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True,
-                   need_gg=kname != "double_nogg")
+                   need_gg=kname != "double_nogg", sm90=sm90)
 
 
 def restoring(*tables):

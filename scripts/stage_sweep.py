@@ -13,7 +13,8 @@ kernels may need more registers than the plain ones). Each result is compared wi
 "b:0:0" bulk-staged weight rows without the L2 prefetch, which would read every weight sector from L2 twice;
 "r:0:0:3" the whole-row ring with 4 slots), or "default" for the tables as they are, "noring" for them
 without codegen.ROW_RING, "eN" (e.g. "e64") for them with N edges per work item of the runs kernels
-(codegen.RUN_EDGES).
+(codegen.RUN_EDGES), "sm90tables" for the sm_90 tables on an older target (MACE_ACCEL_ARCH=compute_80; there
+"default" is codegen.PRE_SM90_STAGED_ROWS).
 """
 import argparse
 import os
@@ -29,6 +30,9 @@ from mace_accel.backends.cuda import codegen  # noqa: E402
 NAMED_SETTINGS = {
     "default": lambda kind, dname: None,
     "noring": lambda kind, dname: codegen.ROW_RING.update({(kind, dname, seg): 0 for seg in (False, True)}),
+    # for a target older than sm_90 (MACE_ACCEL_ARCH=compute_80): the sm_90 tables instead of
+    # codegen.PRE_SM90_STAGED_ROWS (what such a target launched before v32)
+    "sm90tables": lambda kind, dname: setattr(codegen, "PRE_SM90_TABLES", False),
 }
 
 
@@ -59,14 +63,19 @@ def main():
         settings = [t if named_setting(t) else
                     ("" if f[0] == "none" else f[0], int(f[1]), int(f[2]), int(f[3]) if len(f) > 3 else 1)
                     for t, f in ((t, t.split(":")) for t in a.settings)]
-    reset = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM, codegen.PREFETCH_EDGES, codegen.STAGE_AHEAD,
-                        codegen.ROW_RING, codegen.RUN_EDGES)
+    reset_tables = P.restoring(codegen.STAGED_ROWS, codegen.MIN_BLOCKS_PER_SM, codegen.PREFETCH_EDGES,
+                               codegen.STAGE_AHEAD, codegen.ROW_RING, codegen.RUN_EDGES)
+
+    def reset(kind=None, dname=None):
+        reset_tables()
+        codegen.PRE_SM90_TABLES = True
 
     def apply(kind, dname, setting):
         reset()
         if isinstance(setting, str):
             named_setting(setting)(kind, dname)
             return
+        codegen.PRE_SM90_TABLES = False  # an explicit stage, also for a target older than sm_90
         stage, mb, pf, ahead = setting
         for segmented in (False, True):  # the timed call picks its own
             codegen.ROW_RING[(kind, dname, segmented)] = ahead if stage == "r" else 0

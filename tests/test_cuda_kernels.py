@@ -644,11 +644,13 @@ def _check_grad_of_gout(conv, tp64, x, y, w, s, r, dtype):
         assert rel(a.double(), b) < TOL[dtype][1], f"with d/dgout: d/d{name}"
 
 
-#: Which weight-row stages the older-GPU test puts the kernels on: the tables' own choices (the whole-row ring
-#: in the runs kernels, output parts with staged rows in large float64), every kind on per-lane staged rows
-#: (cp.async from sm_80, plain copies before), or on bulk-staged rows (sm_90 bulk copies and mbarriers; before
-#: sm_90 one lane copies and a warp barrier stands in), with the L2 prefetch asked for (an sm_90 instruction).
-OLDER_GPU_STAGES = {"tables": None, "staged": "wx", "bulk": "bx"}
+#: Which weight-row stages the older-GPU test puts the kernels on: the tables' own choices for such a target
+#: (codegen.PRE_SM90_STAGED_ROWS), the sm_90 tables (the whole-row ring in the runs kernels, whose fallback
+#: reads the weights from global memory, the L2 prefetch compiled out; output parts with staged rows in large
+#: float64), every kind on per-lane staged rows (cp.async from sm_80, plain copies before), or on bulk-staged
+#: rows (sm_90 bulk copies and mbarriers; before sm_90 one lane copies and a warp barrier stands in) with the
+#: prefetch asked for.
+OLDER_GPU_STAGES = {"tables": None, "ring": None, "staged": "wx", "bulk": "bx"}
 
 
 @pytest.mark.parametrize("stages", list(OLDER_GPU_STAGES))
@@ -659,21 +661,28 @@ def test_older_gpu_code_paths_vs_e3nn(arch, stages, monkeypatch):
     (compute_75: no cp.async either) run them, compiled as PTX for that architecture and JIT-compiled by the
     driver for this GPU (backends.cuda.target_arch_override): every kernel kind of both variants, the
     receiver grouping and the plain tensor product match e3nn to every derivative order, d/dgout included,
-    in float32 and float64. Afterwards the kernels are this GPU's own again."""
+    in float32 and float64, on each of OLDER_GPU_STAGES' row stages. Afterwards the kernels are this GPU's
+    own again."""
     from mace_accel.backends import cuda as B
     from mace_accel.backends.cuda import codegen, compiler
 
     kinds = (codegen.KIND_FORWARD, codegen.KIND_BACKWARD, codegen.KIND_DOUBLE)
     layers = ("layer0", "medium1", "large1")
+    if stages != "tables":  # the sm_90 tables, as they are or with every kind on the staged rows
+        monkeypatch.setattr(codegen, "PRE_SM90_TABLES", False)
     if OLDER_GPU_STAGES[stages]:
         monkeypatch.setattr(codegen, "STAGED_ROWS", _every(kinds, OLDER_GPU_STAGES[stages]))
         monkeypatch.setattr(codegen, "ROW_RING", {})
         monkeypatch.setattr(codegen, "PREFETCH_EDGES", _every(kinds, 1))
         layers = ("layer0", "medium1")
     monkeypatch.setattr(B, "_SPECS", {})
-    own = compiler.target_arch(torch.cuda.current_device())
+    dev = torch.cuda.current_device()
+    own = compiler.target_arch(dev)
     with B.target_arch_override(arch):
-        assert compiler.target_arch(torch.cuda.current_device()) == arch
+        assert compiler.target_arch(dev) == arch and not B.target_is_sm90(dev)
+        plan = mace_accel.TensorProductConv(*mace_conv_args("medium1", mul=128)).plan
+        spec = B._spec(plan, codegen.KIND_BACKWARD, "float32", False, codegen.DX_ATOMIC, True, True, sm90=False)
+        assert spec.stage == {"tables": "w", "ring": "r"}.get(stages, OLDER_GPU_STAGES[stages]), spec.stage
         for layer in layers:
             node, sh, mid, ins = mace_conv_args(layer, mul=128)
             tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
@@ -701,4 +710,4 @@ def test_older_gpu_code_paths_vs_e3nn(arch, stages, monkeypatch):
                 assert rel(out[0].double(), ref[0]) < TOL[dtype][0], "plain tensor product"
                 for order in (1, 2):
                     _assert_close("xyw", out[order], ref[order], dtype, f"plain tensor product, order {order}")
-    assert compiler.target_arch(torch.cuda.current_device()) == own
+    assert compiler.target_arch(dev) == own and B.target_is_sm90(dev) == (compiler.parse_arch(own)[1] >= 90)

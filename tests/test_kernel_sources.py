@@ -381,6 +381,28 @@ def test_ring_serves_the_runs_kernels(monkeypatch):
     assert B._spec(plan, KIND_DOUBLE, "float32", False, DX_ATOMIC, True, True, need_gg=False).stage == "r"
 
 
+def test_older_targets_stage_rows_instead_of_the_ring_and_prefetch(monkeypatch):
+    """For a compile target older than sm_90 (no bulk copies, no L2 prefetch) every kernel the backend launches
+    takes no ring and no prefetch but codegen.PRE_SM90_STAGED_ROWS' cp.async-staged rows (fitted to the block's
+    shared memory), and the deterministic dx kernel none; with PRE_SM90_TABLES off they get the sm_90 tables."""
+    from mace_accel.backends import cuda as B
+    from mace_accel.backends.cuda import codegen
+
+    monkeypatch.setattr(B, "_SPECS", {})
+    for layer in ("layer0", "medium1", "large1"):
+        node, sh, mid, ins = mace_conv_args(layer, mul=128)
+        plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+        for dt in ("float32", "float64"):
+            for label, spec in launched_specs(plan, dt, sm90=False).items():
+                want = "" if spec.kind == KIND_GRAD_X else codegen.PRE_SM90_STAGED_ROWS.get((spec.kind, dt), "")
+                assert "r" not in spec.stage and "b" not in spec.stage and spec.prefetch == 0, (layer, dt, label)
+                assert spec.stage and want.startswith(spec.stage) or not want and not spec.stage, (layer, dt, label)
+            assert launched_specs(plan, dt, sm90=False) != launched_specs(plan, dt)
+            monkeypatch.setattr(codegen, "PRE_SM90_TABLES", False)
+            assert launched_specs(plan, dt, sm90=False) == launched_specs(plan, dt)
+            monkeypatch.setattr(codegen, "PRE_SM90_TABLES", True)
+
+
 def test_run_edges_set_the_items_of_the_runs_kernels(monkeypatch):
     """codegen.RUN_EDGES sets the edges per work item of the runs-variant kernels only (keyed by need_gg, so the
     no-gg and with-gg double backwards are chosen apart); the segmented kernels keep one receiver segment per
@@ -429,8 +451,11 @@ def test_sources_compile_for_older_gpus_without_their_missing_instructions(layer
 
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
     plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
+    # what these GPUs launch (codegen.PRE_SM90_STAGED_ROWS), what they launched before (the sm_90 tables: the
+    # ring's fallback) and the option variants
     specs = [spec for dt in ("float32", "float64")
-             for spec in list(launched_specs(plan, dt).values()) + [fit_stage(plan, sp) for sp in _option_specs(dt)]]
+             for spec in list(launched_specs(plan, dt, sm90=False).values()) + list(launched_specs(plan, dt).values())
+             + [fit_stage(plan, sp) for sp in _option_specs(dt)]]
     jobs = [(spec, render(plan, spec), arch) for spec in dict.fromkeys(specs)
             for arch in ("compute_80", "compute_75") + (("compute_90",) if spec.stage == "r" else ())]
 
@@ -459,9 +484,10 @@ def test_sources_compile_for_older_gpus_without_their_missing_instructions(layer
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_100", "sm_120"])
 def test_launched_kernels_build_cubins_for_other_gpus(arch):
-    """Every kernel the backend launches for the MACE-MP-0 layers builds (ptxas included) into a cubin for the
-    A100 (sm_80), the RTX 30 / A10 / A40 (sm_86) and the Blackwell GPUs (sm_100, sm_120), whose sm_90 branches
-    (bulk copies, mbarriers, vector atomics) must assemble there too."""
+    """Every kernel the backend launches for the MACE-MP-0 layers on the A100 (sm_80) and the RTX 30 / A10 / A40
+    (sm_86) -- the pre-sm_90 tables' staged rows -- and on the Blackwell GPUs (sm_100, sm_120) -- the sm_90
+    tables, whose bulk copies, mbarriers and vector atomics must assemble there too -- builds into a cubin
+    (ptxas included)."""
     _nvrtc_or_skip()
     from mace_accel.backends.cuda.compiler import nvrtc_compile
 
@@ -469,7 +495,8 @@ def test_launched_kernels_build_cubins_for_other_gpus(arch):
     for layer in ("layer0", "medium1", "large1"):
         node, sh, mid, ins = mace_conv_args(layer, mul=128)
         plan = build_plan(TPProblem.from_e3nn_args(node, sh, mid, ins))
-        jobs += [render(plan, spec) for dt in ("float32", "float64") for spec in launched_specs(plan, dt).values()]
+        jobs += [render(plan, spec) for dt in ("float32", "float64")
+                 for spec in (launched_specs(plan, dt, sm90=arch in ("sm_100", "sm_120")).values())]
     with ThreadPoolExecutor(2) as pool:
         for r, cubin in zip(jobs, pool.map(lambda r: nvrtc_compile(r["source"], r["name"], arch), jobs)):
             assert cubin[:4] == b"\x7fELF", f"{r['name']} for {arch}: not a cubin"

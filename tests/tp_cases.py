@@ -58,20 +58,24 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def launched_specs(plan, dtype: str):
+def launched_specs(plan, dtype: str, sm90: bool = True):
     """{label: spec} of every kernel the CUDA backend launches for ``plan`` in ``dtype`` (backends.cuda._spec:
-    parts, prefetch, dy atomics, staged rows as the tables pick them now). For tests and sweeps."""
+    parts, prefetch, dy atomics, staged rows as the tables pick them now), for a compile target of sm_90 or
+    newer or (``sm90=False``) an older one. For tests and sweeps."""
     from mace_accel.backends.cuda import _spec
     from mace_accel.backends.cuda.codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND_BACKWARD, KIND_DOUBLE,
                                                   KIND_FORWARD, KIND_GRAD_X)
 
-    return {"fwd": _spec(plan, KIND_FORWARD, dtype, True),                           # conv / plain forward
-            "bwd": _spec(plan, KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True),  # atomic backward
-            "bwd_det": _spec(plan, KIND_BACKWARD, dtype, True, DX_NONE, True, True),  # deterministic backward
-            "tp_bwd": _spec(plan, KIND_BACKWARD, dtype, True, DX_STORE, True, True),  # plain backward
-            "grad_x": _spec(plan, KIND_GRAD_X, dtype, True),                         # deterministic dx
-            "double": _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True),  # fused double backward
-            "double_nogg": _spec(plan, KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, need_gg=False)}
+    def spec(*args, **kw):
+        return _spec(plan, *args, sm90=sm90, **kw)
+
+    return {"fwd": spec(KIND_FORWARD, dtype, True),                           # conv / plain forward
+            "bwd": spec(KIND_BACKWARD, dtype, False, DX_ATOMIC, True, True),  # atomic backward
+            "bwd_det": spec(KIND_BACKWARD, dtype, True, DX_NONE, True, True),  # deterministic backward
+            "tp_bwd": spec(KIND_BACKWARD, dtype, True, DX_STORE, True, True),  # plain backward
+            "grad_x": spec(KIND_GRAD_X, dtype, True),                         # deterministic dx
+            "double": spec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True),  # fused double backward
+            "double_nogg": spec(KIND_DOUBLE, dtype, False, DX_ATOMIC, True, True, need_gg=False)}
 
 
 def launch_edge_kernel(plan, spec, x, y, w, g, sender, receiver, ggx=None, ggy=None, ggw=None, dw_fill=None):

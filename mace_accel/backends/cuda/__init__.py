@@ -65,12 +65,29 @@ def target_arch_override(arch: Optional[str]):
     compiler.set_arch_override(arch)
     with _LOCK:
         _FUNCS.clear()
+        _TARGET_SM90.clear()
     try:
         yield
     finally:
         compiler.set_arch_override(previous)
         with _LOCK:
             _FUNCS.clear()
+            _TARGET_SM90.clear()
+
+
+#: device index -> whether its compile target has sm_90's bulk copies and L2 prefetch (the tables differ before:
+#: codegen.PRE_SM90_STAGED_ROWS). Asked on every launch, so memoised; target_arch_override forgets it.
+_TARGET_SM90: Dict[int, bool] = {}
+
+
+def target_is_sm90(index: int) -> bool:
+    """Whether the kernels for device ``index`` are compiled for sm_90 or newer (compiler.target_arch)."""
+    hit = _TARGET_SM90.get(index)
+    if hit is None:
+        from . import compiler
+
+        hit = _TARGET_SM90[index] = compiler.parse_arch(compiler.target_arch(index))[1] >= 90
+    return hit
 
 
 def _function(plan: TPPlan, spec: KernelSpec, device_index: int):
@@ -276,11 +293,11 @@ _SPECS: Dict[tuple, KernelSpec] = {}
 
 
 def _spec(plan: TPPlan, kind: int, dt: str, segmented: bool, dx_mode: int = DX_NONE, need_dy: bool = False,
-          need_dw: bool = False, need_gg: bool = True) -> KernelSpec:
-    """The kernel spec for a launch: the tables' choices (codegen.table_choices) and the output parts the
-    schedule picks for this plan and dtype (memoised: this runs on every call, and splitting the paths is
-    Python work)."""
-    choices = codegen.table_choices(plan, kind, dt, segmented, dx_mode, need_dy, need_gg)
+          need_dw: bool = False, need_gg: bool = True, sm90: bool = True) -> KernelSpec:
+    """The kernel spec for a launch: the tables' choices (codegen.table_choices; ``sm90``: whether the compile
+    target is sm_90 or newer, :func:`target_is_sm90`) and the output parts the schedule picks for this plan and
+    dtype (memoised: this runs on every call, and splitting the paths is Python work)."""
+    choices = codegen.table_choices(plan, kind, dt, segmented, dx_mode, need_dy, need_gg, sm90)
     key = (plan.key, kind, dt, segmented, dx_mode, need_dy, need_dw, choices)
     spec = _SPECS.get(key)
     if spec is None:
@@ -306,7 +323,7 @@ def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministi
     num_edges = y.shape[0]
     w_stride = plan.weight_numel if w.dim() == 2 else 0
     common = dict(X=x, Y=y, W=w, sender=sender, receiver=receiver)
-    spec = _spec(plan, KIND_FORWARD, dt, True)
+    spec = _spec(plan, KIND_FORWARD, dt, True, sm90=target_is_sm90(device_index(dev)))
     if receiver is None:  # plain tensor product: row e <- edge e
         out = _alloc((num_edges, plan.out_dim), x, plan.unused_out)
         _launch(plan, spec, dev, num_edges, num_edges, w_stride, OUT=out, **common)
@@ -323,12 +340,13 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
     dt, dev = _dtype(x), x.device
     num_edges = y.shape[0]
     w_stride = plan.weight_numel if w.dim() == 2 else 0
+    sm90 = target_is_sm90(device_index(dev))
     if receiver is None:  # plain tensor product
-        spec = _spec(plan, KIND_BACKWARD, dt, True, DX_STORE if need_x else DX_NONE, need_y, need_w)
+        spec = _spec(plan, KIND_BACKWARD, dt, True, DX_STORE if need_x else DX_NONE, need_y, need_w, sm90=sm90)
     elif deterministic:
-        spec = _spec(plan, KIND_BACKWARD, dt, True, DX_NONE, need_y, need_w)
+        spec = _spec(plan, KIND_BACKWARD, dt, True, DX_NONE, need_y, need_w, sm90=sm90)
     else:
-        spec = _spec(plan, KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w)
+        spec = _spec(plan, KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w, sm90=sm90)
     dy_part = _dy_partials(plan, spec, x, num_edges) if need_y else None
     dw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev) if need_w else None
     common = dict(X=x, Y=y, W=w, G=gout, sender=sender, receiver=receiver, DY=dy_part, DW=dw_edge)
@@ -343,7 +361,7 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
         if need_x:
             dx = _alloc(x.shape, x, plan.unused_in1)
             perm, seg = graph_csr(sender, x.shape[0])
-            _launch(plan, _spec(plan, KIND_GRAD_X, dt, True), dev, x.shape[0], num_edges, w_stride,
+            _launch(plan, _spec(plan, KIND_GRAD_X, dt, True, sm90=sm90), dev, x.shape[0], num_edges, w_stride,
                     X=None, Y=y, W=w, G=gout, sender=sender, receiver=receiver, perm=perm, seg_ptr=seg, OUT=dx)
     else:
         dx = torch.zeros_like(x) if need_x else None
@@ -387,7 +405,8 @@ def double_backward(plan: TPPlan, x, y, w, gout, ggx, ggy, ggw, sender, receiver
     w_stride = plan.weight_numel if w.dim() == 2 else 0
     gx = torch.zeros_like(x)
     gg = torch.zeros_like(gout) if need_gg else None
-    spec = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True, need_gg=need_gg)
+    spec = _spec(plan, KIND_DOUBLE, dt, False, DX_ATOMIC, True, True, need_gg=need_gg,
+                 sm90=target_is_sm90(device_index(dev)))
     gy_part = _dy_partials(plan, spec, x, num_edges)
     gw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev)
     perm, _ = graph_csr(receiver, gout.shape[0], stable=False)

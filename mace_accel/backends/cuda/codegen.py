@@ -941,6 +941,22 @@ SMEM_STATIC_MAX_BYTES = 48 * 1024
 #: bounds these kernels was wrong (cp.async "w" two ahead without the prefetch, large float32 backward:
 #: 1.572 ms, same as now).
 STAGED_ROWS: Dict[Tuple[int, str], str] = {(KIND_BACKWARD, "float64"): "wx", (KIND_DOUBLE, "float64"): "w"}
+#: Before sm_90 (an A100 is sm_80) the tables above do not fit: the whole-row ring has no bulk copies there (its
+#: kernels read the weights from global memory) and the L2 prefetch is compiled out, so a kernel that relies on
+#: them waits on every edge's weight loads in turn. Where the compile target is older than sm_90
+#: (:func:`table_choices` with ``sm90=False``), the kernels take no ring and no prefetch, and stage these rows
+#: one edge ahead with cp.async ((kind, dtype) -> stage; other kinds: none). Chosen from the A100's code paths
+#: run on the H100 (MACE_ACCEL_ARCH=compute_80, stage_sweep_compute80_h100.txt: a proxy, no A100 here), kernel
+#: alone, ring / prefetch tables -> these: float32 backward "w" layer 0 0.337 -> 0.352 ms, medium 0.910 ->
+#: 0.829, large 1.957 -> 1.526; float32 double without d/dgout "w" 0.515 -> 0.475, 1.432 -> 1.210, 2.703 ->
+#: 2.361; float64 forward "wx" 0.476 -> 0.307, 0.708 -> 0.712, 1.384 -> 1.338; float64 backward "wx" 0.602 ->
+#: 0.594, 1.693 -> 1.511; float64 double "w" layer 0 0.858 -> 0.833 (medium and large had it already).
+PRE_SM90_STAGED_ROWS: Dict[Tuple[int, str], str] = {
+    (KIND_FORWARD, "float64"): "wx", (KIND_BACKWARD, "float32"): "w", (KIND_BACKWARD, "float64"): "wx",
+    (KIND_DOUBLE, "float32"): "w", (KIND_DOUBLE, "float64"): "w"}
+#: Whether targets older than sm_90 use PRE_SM90_STAGED_ROWS (False: the sm_90 tables, as before v32; sweeps
+#: compare the two).
+PRE_SM90_TABLES = True
 #: (kind, dtype) -> edges ahead of the contracted one that a staged kernel keeps in flight (default 1). Two
 #: ahead (stage_sweep_bulk_h100.txt): float64 double without d/dgout "w" large 5.27-5.31 ms, medium 2.44-2.46,
 #: against 5.36 / 2.47 unstaged in the same run: within 2%, so one.
@@ -1005,15 +1021,20 @@ TABLE_CHOICE_FIELDS = ("min_blocks_by_unroll", "edges_per_warp", "prefetch", "st
 
 
 def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode: int, need_dy: bool,
-                  need_gg: bool) -> tuple:
+                  need_gg: bool, sm90: bool = True) -> tuple:
     """What this module's per-kernel tables choose for a launch (values of TABLE_CHOICE_FIELDS: KernelSpec
     fields, then the output-part budget that :func:`parts_for` splits by). The one place that reads the
     tables: a launch's spec is memoised by these values, so a table changed at run time (a sweep, a test)
-    selects a new kernel."""
+    selects a new kernel. ``sm90``: whether the compile target has sm_90's bulk copies and L2 prefetch (else
+    PRE_SM90_STAGED_ROWS applies)."""
     need_gg = need_gg or kind != KIND_DOUBLE
     coalesced_dx = COALESCED_DX_ATOMICS.get(dtype, False) and (kind == KIND_DOUBLE or dx_mode == DX_ATOMIC)
-    ring = ROW_RING.get((kind, dtype, segmented), 0)  # where the ring cannot serve, fit_stage falls back
-    stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
+    if sm90 or not PRE_SM90_TABLES:
+        ring = ROW_RING.get((kind, dtype, segmented), 0)  # where the ring cannot serve, fit_stage falls back
+        stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
+    else:  # no ring, no prefetch: cp.async-staged rows
+        stage = "" if kind == KIND_GRAD_X else PRE_SM90_STAGED_ROWS.get((kind, dtype), "")
+        ahead, prefetch = (STAGE_AHEAD.get((kind, dtype), 1) if stage else 1), 0
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
         EDGES_PER_WARP if segmented else RUN_EDGES.get((kind, dtype, need_gg), EDGES_PER_WARP),
