@@ -946,11 +946,14 @@ STAGED_ROWS: Dict[Tuple[int, str], str] = {(KIND_BACKWARD, "float64"): "wx", (KI
 #: them waits on every edge's weight loads in turn. Where the compile target is older than sm_90
 #: (:func:`table_choices` with ``sm90=False``), the kernels take no ring and no prefetch, and stage these rows
 #: one edge ahead with cp.async ((kind, dtype) -> stage; other kinds: none). Chosen from the A100's code paths
-#: run on the H100 (MACE_ACCEL_ARCH=compute_80, stage_sweep_compute80_h100.txt: a proxy, no A100 here), kernel
-#: alone, ring / prefetch tables -> these: float32 backward "w" layer 0 0.337 -> 0.352 ms, medium 0.910 ->
-#: 0.829, large 1.957 -> 1.526; float32 double without d/dgout "w" 0.515 -> 0.475, 1.432 -> 1.210, 2.703 ->
-#: 2.361; float64 forward "wx" 0.476 -> 0.307, 0.708 -> 0.712, 1.384 -> 1.338; float64 backward "wx" 0.602 ->
-#: 0.594, 1.693 -> 1.511; float64 double "w" layer 0 0.858 -> 0.833 (medium and large had it already).
+#: run on the H100 (MACE_ACCEL_ARCH=compute_80, stage_sweep_compute80_h100.txt: a proxy, no A100 here), then
+#: checked against the sm_90 tables for every kind (stage_sweep_presm90_ab_h100.txt), kernel alone, layer 0 /
+#: medium / large: float32 forward 0.200 -> 0.163, 0.368 -> 0.366, 0.725 -> 0.755 ms; backward "w" 0.336 ->
+#: 0.351, 0.910 -> 0.830, 1.963 -> 1.528; deterministic backward 0.373 -> 0.350, 0.941 -> 0.781, 1.484 ->
+#: 1.404; double without d/dgout "w" 0.515 -> 0.476, 1.432 -> 1.214, 2.704 -> 2.376; with d/dgout 0.684 ->
+#: 0.556, 1.947 -> 1.571, 4.194 -> 3.674; float64 forward "wx" 0.476 -> 0.308, 0.707 -> 0.712, 1.387 -> 1.325;
+#: backward "wx" 0.603 -> 0.594, 1.694 -> 1.513, 3.156 -> 3.118; double "w" layer 0 0.858 -> 0.833 (the
+#: others had these stages already).
 PRE_SM90_STAGED_ROWS: Dict[Tuple[int, str], str] = {
     (KIND_FORWARD, "float64"): "wx", (KIND_BACKWARD, "float32"): "w", (KIND_BACKWARD, "float64"): "wx",
     (KIND_DOUBLE, "float32"): "w", (KIND_DOUBLE, "float64"): "w"}
