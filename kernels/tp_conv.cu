@@ -284,12 +284,13 @@ __device__ __forceinline__ void bulk_wait(unsigned long long* bar, const int buf
 
 // Whole-row ring (codegen stage "r"): the block's warps are the NCHUNK channel chunks of one work item, so
 // they contract the same edges in the same order and together use every value of each edge's weight row(s).
-// One lane (chunk 0) copies the whole row (W, and W2 in KIND 3) of an edge RING_AHEAD edges ahead into a
+// One lane (chunk 0) copies the whole row (W, and W2 in KIND 3) of an edge STAGE_AHEAD edges ahead into a
 // slot of a block-shared ring with one sm_90 bulk copy per row (a few KB each, no registers held); a "full"
 // mbarrier per slot counts the bytes in, an "empty" mbarrier per slot counts the threads that have finished
 // reading it (each thread arrives for its own reads, so every read is ordered before the slot's next copy
-// without relying on a warp barrier), and the copying lane waits on that before it reuses the slot. Slot of the edge at running
-// position t (within the item): t % buffers; its use number t / buffers gives the parity to wait on.
+// without relying on a warp barrier), and the copying lane waits on that before it reuses the slot. Slot of
+// the edge at running position t (within the item): t % buffers; its use number t / buffers gives the parity
+// to wait on.
 // Before sm_90 no copies are made and the weights are read from global memory (RING_WEIGHT).
 template <int BUFFERS>
 __device__ __forceinline__ void ring_init(unsigned long long* bars)

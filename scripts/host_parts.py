@@ -11,7 +11,6 @@ with and without the worker thread); and the single steps our path takes (alloca
 with our kernels' 18 arguments, the capture query). On the first ``--edges`` edges of the benchmark's graph, so
 the GPU keeps up and every call measures host work.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -19,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import torch  # noqa: E402
-from host_profile import _Identity, conv_calls, host_us  # noqa: E402
+from host_profile import _Identity, conv_call_parser, conv_calls, host_us  # noqa: E402
 
 from mace_accel.backends import cuda as B  # noqa: E402
 
@@ -32,11 +31,7 @@ def _single_thread(fn):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="layer0")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--edges", type=int, default=4096)
-    ap.add_argument("--calls", type=int, default=200)
+    ap = conv_call_parser(calls=200)
     ap.add_argument("--rounds", type=int, default=9)
     a = ap.parse_args()
     dev = torch.device("cuda")

@@ -98,6 +98,17 @@ def conv_case(config: str, dname: str, edges: int = 0, pkg=None, device: str = "
         g=torch.randn(n, mid.dim, device=dev, dtype=dtype))
 
 
+def conv_call_parser(calls: int) -> argparse.ArgumentParser:
+    """The arguments of the probes that time :func:`conv_calls`: --config, --dtype, --edges (first edges of the
+    benchmark graph) and --calls (per round; default ``calls``)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="layer0")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--edges", type=int, default=4096)
+    ap.add_argument("--calls", type=int, default=calls)
+    return ap
+
+
 def conv_calls(config: str, dname: str, edges: int = 0, pkg=None, device: str = "cuda"):
     """(fwd, fwd_bwd, receiver, num_nodes) of :func:`conv_case`'s conv, as bench_conv calls it: the receiver
     grouping is forgotten before each call; fwd_bwd = torch.autograd.grad of the output w.r.t. x, y, w."""

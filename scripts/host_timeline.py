@@ -10,7 +10,6 @@ consecutive stamps over the calls, the median host time from the call's start to
 and the whole call's. (bench_conv's unsynchronised event pairs read a host-bound call's whole host time per call:
 scripts/host_affinity.py.)
 """
-import argparse
 import os
 import statistics
 import sys
@@ -19,7 +18,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import torch  # noqa: E402
-from host_profile import conv_calls, host_us  # noqa: E402
+from host_profile import conv_call_parser, conv_calls, host_us  # noqa: E402
 
 from mace_accel.backends import cuda as B  # noqa: E402
 
@@ -58,11 +57,7 @@ def instrument(fine: bool):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="layer0")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--edges", type=int, default=4096)
-    ap.add_argument("--calls", type=int, default=300)
+    ap = conv_call_parser(calls=300)
     ap.add_argument("--fine", action="store_true", help="also stamp torch's allocations and the backend helpers")
     a = ap.parse_args()
     _, fwd_bwd, r, n = conv_calls(a.config, a.dtype, a.edges)

@@ -23,7 +23,7 @@ from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.backends.cuda import codegen  # noqa: E402
 from mace_accel.plan import build_plan  # noqa: E402
 from mace_accel.problem import TPProblem  # noqa: E402
-from tp_cases import mace_conv_args  # noqa: E402
+from tp_cases import launched_specs, mace_conv_args  # noqa: E402
 
 ONE_PART = 1 << 30
 KINDS = {"fwd": codegen.KIND_FORWARD, "bwd": codegen.KIND_BACKWARD, "double": codegen.KIND_DOUBLE}
@@ -76,15 +76,7 @@ def precompile(jobs) -> None:
 def call_spec(plan, kname: str, dt: str):
     """The spec the backend launches for sweep_calls' call ``kname`` on device 0, under the current tables and
     compile target (MACE_ACCEL_ARCH)."""
-    sm90 = B.target_is_sm90(0)
-    if kname == "fwd":
-        return B._spec(plan, codegen.KIND_FORWARD, dt, True, sm90=sm90)
-    if kname == "bwd":
-        return B._spec(plan, codegen.KIND_BACKWARD, dt, False, codegen.DX_ATOMIC, True, True, sm90=sm90)
-    if kname == "bwd_det":
-        return B._spec(plan, codegen.KIND_BACKWARD, dt, True, codegen.DX_NONE, True, True, sm90=sm90)
-    return B._spec(plan, codegen.KIND_DOUBLE, dt, False, codegen.DX_ATOMIC, True, True,
-                   need_gg=kname != "double_nogg", sm90=sm90)
+    return launched_specs(plan, dt, sm90=B.target_is_sm90(0))[kname]
 
 
 def restoring(*tables):

@@ -28,6 +28,32 @@ def _all_orders(fn, args, go, vs):
     return out, g1, g2
 
 
+def _second_order(fn, args, go, vs, with_gout):
+    """Grads of sum(grad_i * v_i) (grad_i: fn's first-order gradients for upstream ``go``) w.r.t. the args and,
+    ``with_gout``, go too."""
+    args = [a.clone().requires_grad_(True) for a in args]
+    go = go.clone().requires_grad_(with_gout)
+    g1 = torch.autograd.grad(fn(*args), args, go, create_graph=True)
+    loss = sum((a * v.to(a.dtype)).sum() for a, v in zip(g1, vs))
+    return torch.autograd.grad(loss, args + ([go] if with_gout else []))
+
+
+def _check_plain_tp(m, tp64, dtype, shared=False, n=300):
+    """The plain tensor product ``m`` matches e3nn's ``tp64`` to every derivative order on ``n`` random rows."""
+    ftol, gtol = TOL[dtype]
+    x = torch.randn(n, m.plan.in1_dim, dtype=dtype, device=DEV)
+    y = torch.randn(n, m.plan.in2_dim, dtype=dtype, device=DEV)
+    w = torch.randn(*(() if shared else (n,)), m.weight_numel, dtype=dtype, device=DEV)
+    go = torch.randn(n, m.plan.out_dim, dtype=torch.float64, device=DEV)
+    vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
+    ref = _all_orders(tp64, [t.double() for t in (x, y, w)], go, vs)
+    out = _all_orders(m, [x, y, w], go.to(dtype), [v.to(dtype) for v in vs])
+    assert rel(out[0].double(), ref[0]) < ftol, "plain tensor product"
+    for order in (1, 2):
+        for a, b in zip(out[order], ref[order]):
+            assert rel(a.double(), b) < gtol, f"plain tensor product, order {order}"
+
+
 def _check(conv, tp64, x, y, w, s, r, dtype):
     ftol, gtol = TOL[dtype]
     n = x.shape[0]
@@ -100,18 +126,7 @@ def test_plain_tp_cuda(shared):
     m = mace_accel.TensorProduct(node, sh, mid, ins, shared_weights=shared)
     tp64 = e3nn_tp(node, sh, mid, ins, shared_weights=shared, device=DEV)
     for dtype in (torch.float32, torch.float64):
-        ftol, gtol = TOL[dtype]
-        x = torch.randn(300, node.dim, dtype=dtype, device=DEV)
-        y = torch.randn(300, sh.dim, dtype=dtype, device=DEV)
-        w = torch.randn(*(() if shared else (300,)), m.weight_numel, dtype=dtype, device=DEV)
-        go = torch.randn(300, mid.dim, dtype=torch.float64, device=DEV)
-        vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
-        ref = _all_orders(tp64, [t.double() for t in (x, y, w)], go, vs)
-        out = _all_orders(m, [x, y, w], go.to(dtype), [v.to(dtype) for v in vs])
-        assert rel(out[0].double(), ref[0]) < ftol
-        for order in (1, 2):
-            for a, b in zip(out[order], ref[order]):
-                assert rel(a.double(), b) < gtol
+        _check_plain_tp(m, tp64, dtype, shared)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -358,18 +373,10 @@ def test_double_backward_with_and_without_grad_of_gout(layer, dtype):
     _, gtol = TOL[dtype]
     go = torch.randn(n, conv.plan.out_dim, dtype=torch.float64, device=DEV)
     vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
-
-    def second(fn, args, go, with_gout):
-        args = [a.clone().requires_grad_(True) for a in args]
-        go = go.clone().requires_grad_(with_gout)
-        g1 = torch.autograd.grad(fn(*args), args, go, create_graph=True)
-        loss = sum((a * v.to(a.dtype)).sum() for a, v in zip(g1, vs))
-        return torch.autograd.grad(loss, args + ([go] if with_gout else []))
-
     for with_gout in (True, False):
-        ref = second(lambda a, b, c: e3nn_conv(tp64, a, b, c, s, r, n), [t.double() for t in (x, y, w)], go,
-                     with_gout)
-        out = second(lambda a, b, c: conv(a, b, c, s, r), [x, y, w], go.to(dtype), with_gout)
+        ref = _second_order(lambda a, b, c: e3nn_conv(tp64, a, b, c, s, r, n), [t.double() for t in (x, y, w)], go,
+                            vs, with_gout)
+        out = _second_order(lambda a, b, c: conv(a, b, c, s, r), [x, y, w], go.to(dtype), vs, with_gout)
         assert len(out) == len(ref) == (4 if with_gout else 3)
         for name, a, b in zip("xywg", out, ref):
             assert rel(a.double(), b) < gtol, f"with_gout={with_gout} d/d{name}"
@@ -631,15 +638,9 @@ def _check_grad_of_gout(conv, tp64, x, y, w, s, r, dtype):
     n = x.shape[0]
     go = torch.randn(n, conv.plan.out_dim, dtype=torch.float64, device=DEV)
     vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
-
-    def second(fn, args, go):
-        args = [a.clone().requires_grad_(True) for a in args]
-        go = go.clone().requires_grad_(True)
-        g1 = torch.autograd.grad(fn(*args), args, go, create_graph=True)
-        return torch.autograd.grad(sum((a * v.to(a.dtype)).sum() for a, v in zip(g1, vs)), args + [go])
-
-    ref = second(lambda a, b, c: e3nn_conv(tp64, a, b, c, s, r, n), [t.double() for t in (x, y, w)], go)
-    out = second(lambda a, b, c: conv(a, b, c, s, r), [x, y, w], go.to(dtype))
+    ref = _second_order(lambda a, b, c: e3nn_conv(tp64, a, b, c, s, r, n), [t.double() for t in (x, y, w)], go,
+                        vs, True)
+    out = _second_order(lambda a, b, c: conv(a, b, c, s, r), [x, y, w], go.to(dtype), vs, True)
     for name, a, b in zip("xywg", out, ref):
         assert rel(a.double(), b) < TOL[dtype][1], f"with d/dgout: d/d{name}"
 
@@ -700,14 +701,5 @@ def test_older_gpu_code_paths_vs_e3nn(arch, stages, monkeypatch):
             m = mace_accel.TensorProduct(node, sh, mid, ins)
             tp64 = e3nn_tp(node, sh, mid, ins, device=DEV)
             for dtype in (torch.float32, torch.float64):
-                x, y = torch.randn(300, node.dim, dtype=dtype, device=DEV), torch.randn(300, sh.dim, dtype=dtype,
-                                                                                         device=DEV)
-                w = torch.randn(300, m.weight_numel, dtype=dtype, device=DEV)
-                go = torch.randn(300, mid.dim, dtype=torch.float64, device=DEV)
-                vs = [torch.randn(t.shape, dtype=torch.float64, device=DEV) for t in (x, y, w)]
-                ref = _all_orders(tp64, [t.double() for t in (x, y, w)], go, vs)
-                out = _all_orders(m, [x, y, w], go.to(dtype), [v.to(dtype) for v in vs])
-                assert rel(out[0].double(), ref[0]) < TOL[dtype][0], "plain tensor product"
-                for order in (1, 2):
-                    _assert_close("xyw", out[order], ref[order], dtype, f"plain tensor product, order {order}")
+                _check_plain_tp(m, tp64, dtype)
     assert compiler.target_arch(dev) == own and B.target_is_sm90(dev) == (compiler.parse_arch(own)[1] >= 90)

@@ -1036,8 +1036,8 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
         ring = ROW_RING.get((kind, dtype, segmented), 0)  # where the ring cannot serve, fit_stage falls back
         stage, ahead, prefetch = ("r", ring, 0) if ring else staged_rows(plan, kind, dtype)
     else:  # no ring, no prefetch: cp.async-staged rows
-        stage = "" if kind == KIND_GRAD_X else PRE_SM90_STAGED_ROWS.get((kind, dtype), "")
-        ahead, prefetch = (STAGE_AHEAD.get((kind, dtype), 1) if stage else 1), 0
+        stage, ahead, _ = staged_rows(plan, kind, dtype, PRE_SM90_STAGED_ROWS)
+        prefetch = 0
     return (
         (MIN_BLOCKS_PER_SM.get((kind, dtype, False), 0), MIN_BLOCKS_PER_SM.get((kind, dtype, True), 0)),
         EDGES_PER_WARP if segmented else RUN_EDGES.get((kind, dtype, need_gg), EDGES_PER_WARP),
@@ -1058,10 +1058,11 @@ def table_choices(plan: TPPlan, kind: int, dtype: str, segmented: bool, dx_mode:
     )
 
 
-def staged_rows(plan: TPPlan, kind: int, dtype: str) -> Tuple[str, int, int]:
-    """(stage, stage_ahead, prefetch) from STAGED_ROWS, STAGE_AHEAD and PREFETCH_EDGES: what a kernel without
-    the whole-row ring uses."""
-    stage = "" if kind == KIND_GRAD_X else STAGED_ROWS.get((kind, dtype), "")
+def staged_rows(plan: TPPlan, kind: int, dtype: str, table: Optional[Dict[Tuple[int, str], str]] = None
+                ) -> Tuple[str, int, int]:
+    """(stage, stage_ahead, prefetch) from ``table`` (default STAGED_ROWS), STAGE_AHEAD and PREFETCH_EDGES: what
+    a kernel without the whole-row ring uses."""
+    stage = "" if kind == KIND_GRAD_X else (STAGED_ROWS if table is None else table).get((kind, dtype), "")
     if "b" in stage and not bulk_rows_aligned(plan, dtype):  # bulk copies need 16-byte slices
         stage = stage.replace("b", "")
     return stage, (STAGE_AHEAD.get((kind, dtype), 1) if stage else 1), PREFETCH_EDGES.get((kind, dtype), 0)

@@ -209,8 +209,7 @@ def load_function(source: str, name: str, device_index: int):
     import cupy
 
     with _LOCK:
-        with cupy.cuda.Device(device_index):
-            arch = target_arch(device_index)  # e.g. "sm_90"
+        arch = target_arch(device_index)  # e.g. "sm_90"
         key_mem = (hashlib.sha256(source.encode()).hexdigest(), device_index, arch)
         mod = _MODULES.get(key_mem)
         if mod is None:
