@@ -10,6 +10,9 @@ templates and op namespace) next to this tree's, and times ``torch.autograd.grad
 g)`` for both in alternating rounds (receiver grouping forgotten before each call, as bench_conv does), on the
 first ``--edges`` edges of the benchmark's Cu graph so that the GPU keeps up and every call measures host work.
 Prints the median host microseconds per call of each, per round and over the rounds, and their ratio.
+``--events``: time each round as bench_conv times a cell instead (benchmarks/_common.time_fn: a CUDA-event pair
+around each of 20 calls after 6 warm-up calls, no synchronisation between calls, the median span in us): on the
+benchmark's whole graph (``--edges 0``) that is the cell's own measure.
 """
 import argparse
 import importlib
@@ -68,6 +71,7 @@ def main():
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--cpu-stub", action="store_true")
+    ap.add_argument("--events", action="store_true", help="bench_conv's CUDA-event spans instead of host time")
     a = ap.parse_args()
     if a.make_base:
         make_base(*a.make_base)
@@ -90,16 +94,23 @@ def main():
     sync = (lambda: None) if a.cpu_stub else torch.cuda.synchronize
     from host_profile import conv_calls, host_us
 
+    if a.events:
+        import _common as C
+
+        def measure(fn, calls, sync):
+            return C.time_fn(fn, torch.device("cuda"), warmup=6, reps=20)["median_ms"] * 1e3
+    else:
+        measure = host_us
     device = "cpu" if a.cpu_stub else "cuda"
     calls = {k: conv_calls(a.config, a.dtype, a.edges, pkg=p, device=device)[1] for k, p in pkgs.items()}
     where = "CPU, launches stubbed" if a.cpu_stub else torch.cuda.get_device_name()
-    print(f"{where}; {a.config} {a.dtype}, fwd_bwd host us per call ({a.calls} calls), {a.rounds} interleaved "
-          "rounds")
+    what = "CUDA-event median span (us) of 20 calls" if a.events else f"host us per call ({a.calls} calls)"
+    print(f"{where}; {a.config} {a.dtype}, {a.edges or 'all'} edges, fwd_bwd {what}, {a.rounds} interleaved rounds")
     got = {k: [] for k in calls}
     for rnd in range(a.rounds):
         order = list(calls) if rnd % 2 == 0 else list(reversed(calls))
         for k in order:
-            got[k].append(host_us(calls[k], a.calls, sync))
+            got[k].append(measure(calls[k], a.calls, sync))
         print(f"  round {rnd:2d}: " + "  ".join(f"{k} {got[k][-1]:7.1f}" for k in calls), flush=True)
     med = {k: statistics.median(v) for k, v in got.items()}
     for k in calls:

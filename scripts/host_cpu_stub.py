@@ -29,6 +29,7 @@ from mace_accel.plan import get_plan  # noqa: E402
 #: stubs older revisions too, whose launches all went through run_on_torch_stream).
 _STUBS = (("run_on_torch_stream", lambda fn, device, blocks, threads, args: None),
           ("_launch_on", lambda fn, index, blocks, threads, args: None),  # every kernel launch goes through it
+          ("target_is_sm90", lambda index: True),
           ("device_index", lambda d: 0), ("_raw_stream", lambda index: 0),
           ("_function", lambda plan, spec, idx: None), ("_csr_function", lambda suffix, idx: None))
 
