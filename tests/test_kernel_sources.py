@@ -170,6 +170,23 @@ def test_csr_source_compiles(tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+def test_neighbour_list_source_compiles(tmp_path):
+    compiler = _compiler()
+    if compiler is None:
+        pytest.skip("neither nvcc nor NVRTC is available on this machine")
+    from mace_accel.backends.cuda.codegen import template_text
+
+    src = template_text("neighbours.cu")
+    if compiler == "nvrtc":
+        from mace_accel.backends.cuda.compiler import nvrtc_compile
+
+        for kind in ("count", "fill"):
+            assert nvrtc_compile(src, f"mace_accel_nl_{kind}", "sm_90")
+        return
+    p = _nvcc_cubin(tmp_path / "neighbours.cu", src, "sm_90")
+    assert p.returncode == 0, p.stderr
+
+
 def _run_statements(lines, env):
     """Evaluate generated statements of the forms ``[const] scalar_t NAME = EXPR;`` and ``NAME += EXPR;`` (the
     straight-line contraction code) in Python, with ``C(v)`` the identity."""

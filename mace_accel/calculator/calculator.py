@@ -247,7 +247,7 @@ class MACEAccelCalculator(Calculator):
         """The model input dict for ``atoms`` (validated), on the calculator's device."""
         self._check_atoms(atoms)
         positions = torch.as_tensor(atoms.get_positions(), dtype=torch.float64).to(self.device)
-        cell = torch.as_tensor(np.asarray(atoms.cell.array), dtype=torch.float64).to(self.device)
+        cell = torch.as_tensor(np.asarray(atoms.cell.array), dtype=torch.float64)  # the neighbour list reads it here
         return build_batch(
             positions,
             self._node_index(atoms.get_atomic_numbers()),

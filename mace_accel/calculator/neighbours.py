@@ -19,18 +19,46 @@ chunks so that at most ``max_candidates`` candidate pairs are held at a time.
 
 Sizes (number of edges, chunk boundaries) need a few device->host synchronisations of scalars; positions
 never leave the device.
+
+On CUDA the candidate pairs are not materialised: two generated kernels (``kernels/neighbours.cu``) count and
+then write each receiver's senders, one thread per (receiver, neighbouring bin), with the same arithmetic and
+the same edge order as the torch path. That is two launches and one device->host read of the edge count
+instead of ~40 torch ops (2048 Cu atoms at 6 A: 2.9 ms wall on the H100 through torch, nearly all host time).
+``backend="torch"`` runs the torch path on any device (the GPU kernels' test oracle).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Sequence, Tuple
 
+import numpy as np
 import torch
 
 __all__ = ["neighbour_list", "check_cell"]
 
 _SLACK = 1e-5  # relative margin on bin widths: bins are >= cutoff * (1 + _SLACK) wide
 _MAX_BINS_PER_DIM = 1 << 16
+#: Threads per block of the neighbour-list kernels (one thread per receiver and neighbouring bin).
+NL_THREADS = 128
+#: The most (receiver, neighbouring bin) slots one pair of kernel launches handles: their int32 counts and int64
+#: prefix sums take 12 bytes each (192 MB here); larger systems run in chunks of receivers.
+NL_MAX_SLOTS = 1 << 24
+_BACKENDS = ("auto", "torch", "cuda")
+
+
+def _use_kernels(device: torch.device, backend: str) -> bool:
+    """Whether the candidate pairs run in the generated CUDA kernels: ``backend="cuda"`` (CUDA positions and
+    CuPy required), or ``"auto"`` on a CUDA device when CuPy is installed."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    usable = device.type == "cuda" and importlib.util.find_spec("cupy") is not None
+    if backend == "cuda" and not usable:
+        raise ValueError("backend='cuda' needs positions on a CUDA device and CuPy installed "
+                         f"(positions are on {device})")
+    return usable
 
 
 def _as_pbc(pbc) -> Tuple[bool, bool, bool]:
@@ -68,97 +96,34 @@ def check_cell(cell: torch.Tensor, pbc: Sequence[bool]) -> None:
         )
 
 
-def _basis(cell: torch.Tensor, pbc: Tuple[bool, bool, bool]) -> torch.Tensor:
-    """Cell with the rows of open directions replaced by orthonormal vectors orthogonal to the periodic rows."""
-    dev, dt = cell.device, cell.dtype
+def _basis(cell: np.ndarray, pbc: Tuple[bool, bool, bool]) -> np.ndarray:
+    """Cell with the rows of open directions replaced by orthonormal vectors orthogonal to the periodic rows
+    (host arithmetic: a 3x3 problem costs more as device ops than it computes)."""
     periodic = [d for d in range(3) if pbc[d]]
     open_ = [d for d in range(3) if not pbc[d]]
-    basis = cell.clone()
+    basis = np.array(cell, dtype=np.float64)
     if len(periodic) == 3:
         return basis
     if len(periodic) == 0:
-        return torch.eye(3, dtype=dt, device=dev)
+        return np.eye(3)
     if len(periodic) == 2:
-        n = torch.linalg.cross(cell[periodic[0]], cell[periodic[1]])
-        basis[open_[0]] = n / n.norm()
+        n = np.cross(cell[periodic[0]], cell[periodic[1]])
+        basis[open_[0]] = n / np.linalg.norm(n)
         return basis
-    v = cell[periodic[0]]
-    v = v / v.norm()
-    e = torch.zeros(3, dtype=dt, device=dev)
-    e[int(torch.argmin(v.abs()))] = 1.0
-    u1 = torch.linalg.cross(v, e)
-    u1 = u1 / u1.norm()
-    u2 = torch.linalg.cross(v, u1)
+    v = cell[periodic[0]] / np.linalg.norm(cell[periodic[0]])
+    e = np.zeros(3)
+    e[int(np.argmin(np.abs(v)))] = 1.0
+    u1 = np.cross(v, e)
+    u1 = u1 / np.linalg.norm(u1)
+    u2 = np.cross(v, u1)
     basis[open_[0]] = u1
-    basis[open_[1]] = u2 / u2.norm()
+    basis[open_[1]] = u2 / np.linalg.norm(u2)
     return basis
 
 
-def neighbour_list(
-    positions: torch.Tensor,
-    cell: torch.Tensor | None,
-    pbc,
-    cutoff: float,
-    *,
-    max_candidates: int = 1 << 21,
-    bins_per_cutoff: int = 2,
-    check: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All pairs closer than ``cutoff``.
-
-    Args:
-        positions: ``[N, 3]`` Cartesian positions (float32 or float64; float64 recommended), any device.
-        cell: ``[3, 3]`` cell, rows are the cell vectors (rows of open directions are ignored). May be None
-            for fully open boundary conditions.
-        pbc: three booleans.
-        cutoff: cutoff radius, > 0.
-        max_candidates: upper bound on the number of candidate pairs held in memory at once.
-        bins_per_cutoff: bins are about ``cutoff / bins_per_cutoff`` wide; 2 checks ~2.5x fewer candidate
-            pairs than 1 for dense systems.
-        check: validate the cell and positions (finite, non-degenerate periodic cell vectors). Callers that
-            validated on the host already may pass False to save device->host synchronisations.
-
-    Returns:
-        ``edge_index`` (int64, ``[2, E]``, ``[sender, receiver]``, sorted by receiver) and ``unit_shifts``
-        (int64, ``[E, 3]``) with ``positions[receiver] - positions[sender] + unit_shifts @ cell`` the edge
-        vector.
-    """
-    pbc = _as_pbc(pbc)
-    if positions.ndim != 2 or positions.shape[1] != 3:
-        raise ValueError(f"positions must have shape [N, 3], got {tuple(positions.shape)}")
-    if not (cutoff > 0 and math.isfinite(cutoff)):
-        raise ValueError(f"cutoff must be a positive finite number, got {cutoff}")
-    dev = positions.device
-    dt = torch.float64  # binning and distances in float64 whatever the input dtype
-    pos = positions.detach().to(dt)
-    n_atoms = pos.shape[0]
-    if cell is None:
-        if any(pbc):
-            raise ValueError("a cell is required for periodic boundary conditions")
-        cell = torch.zeros(3, 3, dtype=dt, device=dev)
-    cell = cell.detach().to(device=dev, dtype=dt)
-    empty = (torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=torch.long, device=dev))
-    if n_atoms == 0:
-        return empty
-    if check:
-        check_cell(cell, pbc)
-        if not bool(torch.isfinite(pos).all()):
-            raise ValueError("positions contain NaN or inf")
-
-    pbc_t = torch.tensor(pbc, device=dev)
-    basis = _basis(cell, pbc)
-    inv = torch.linalg.inv(basis)  # frac = pos @ inv
-    frac = pos @ inv
-    # wrap along periodic directions; offsets o are integers with pos = pos_wrapped + o @ cell
-    offs = torch.where(pbc_t, torch.floor(frac), torch.zeros_like(frac))
-    frac = frac - offs
-    offs_l = offs.to(torch.long)
-    pos_w = pos - offs @ cell
-
-    # grid: bins along each direction, width in fractional units, reach k in bins
-    # one transfer: 1 / height of the cell (1 for open directions), extent of the fractional coordinates
-    stats = torch.cat([inv.norm(dim=0), frac.min(dim=0).values, frac.max(dim=0).values]).cpu().tolist()
-    inv_col_norm, fmin, fmax = stats[0:3], stats[3:6], stats[6:9]
+def _grid(pbc, inv_col_norm, fmin, fmax, cutoff: float, bins_per_cutoff: int):
+    """(n_bins, width, origin, reach) per direction: bins about ``cutoff / bins_per_cutoff`` wide, width and
+    origin in fractional units, reach = how many bins apart a pair closer than the cutoff can be."""
     n_bins, width, origin, reach = [], [], [], []
     target = cutoff * (1.0 + _SLACK) / bins_per_cutoff  # bin width (distance units) we aim for
     for d in range(3):
@@ -178,16 +143,110 @@ def neighbour_list(
         width.append(w)
         origin.append(o)
         reach.append(k)
+    return n_bins, width, origin, reach
 
-    nb_t = torch.tensor(n_bins, dtype=torch.long, device=dev)
-    w_t = torch.tensor(width, dtype=dt, device=dev)
-    o_t = torch.tensor(origin, dtype=dt, device=dev)
-    b = torch.floor((frac - o_t) / w_t).to(torch.long)
-    b = torch.minimum(torch.clamp(b, min=0), nb_t - 1)  # rounding at the upper cell face
-    strides = torch.tensor([n_bins[1] * n_bins[2], n_bins[2], 1], dtype=torch.long, device=dev)
-    bin_id = (b * strides).sum(dim=1)
+
+def _grid_rows(grid) -> np.ndarray:
+    """origin, width, last bin index and bin-id strides as a [4, 3] float64 array (one upload)."""
+    n_bins, width, origin, _ = grid
+    return np.array([origin, width, [nb - 1 for nb in n_bins], [n_bins[1] * n_bins[2], n_bins[2], 1]],
+                    dtype=np.float64)
+
+
+def neighbour_list(
+    positions: torch.Tensor,
+    cell: torch.Tensor | None,
+    pbc,
+    cutoff: float,
+    *,
+    max_candidates: int = 1 << 21,
+    bins_per_cutoff: int = 2,
+    check: bool = True,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All pairs closer than ``cutoff``.
+
+    Args:
+        positions: ``[N, 3]`` Cartesian positions (float32 or float64; float64 recommended), any device.
+        cell: ``[3, 3]`` cell, rows are the cell vectors (rows of open directions are ignored). May be None
+            for fully open boundary conditions.
+        pbc: three booleans.
+        cutoff: cutoff radius, > 0.
+        max_candidates: upper bound on the number of candidate pairs held in memory at once.
+        bins_per_cutoff: bins are about ``cutoff / bins_per_cutoff`` wide; 2 checks ~2.5x fewer candidate
+            pairs than 1 for dense systems.
+        check: validate the cell and positions (finite, non-degenerate periodic cell vectors). Callers that
+            validated on the host already may pass False to save device->host synchronisations.
+        backend: ``"auto"`` (the CUDA kernels for CUDA positions when CuPy is installed, else torch ops),
+            ``"torch"`` or ``"cuda"``. ``max_candidates`` bounds the torch path only.
+
+    Returns:
+        ``edge_index`` (int64, ``[2, E]``, ``[sender, receiver]``, sorted by receiver) and ``unit_shifts``
+        (int64, ``[E, 3]``) with ``positions[receiver] - positions[sender] + unit_shifts @ cell`` the edge
+        vector.
+    """
+    pbc = _as_pbc(pbc)
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise ValueError(f"positions must have shape [N, 3], got {tuple(positions.shape)}")
+    if not (cutoff > 0 and math.isfinite(cutoff)):
+        raise ValueError(f"cutoff must be a positive finite number, got {cutoff}")
+    dev = positions.device
+    kernels = _use_kernels(dev, backend)
+    dt = torch.float64  # binning and distances in float64 whatever the input dtype
+    pos = positions.detach().to(dt)
+    n_atoms = pos.shape[0]
+    if cell is None:
+        if any(pbc):
+            raise ValueError("a cell is required for periodic boundary conditions")
+        cell = torch.zeros(3, 3, dtype=dt)
+    # the 3x3 algebra runs on the host (a CUDA cell costs one device->host copy: pass it on the CPU)
+    cell_h = cell.detach().to(device="cpu", dtype=dt)
+    empty = (torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=torch.long, device=dev))
+    if n_atoms == 0:
+        return empty
+    if check:
+        check_cell(cell_h, pbc)
+        if not bool(torch.isfinite(pos).all()):
+            raise ValueError("positions contain NaN or inf")
+
+    cell_np = cell_h.numpy()
+    inv_np = np.linalg.inv(_basis(cell_np, pbc))  # frac = pos @ inv
+    inv_col_norm = np.linalg.norm(inv_np, axis=0).tolist()  # 1 / height of the cell (1 for open directions)
+    # grid: bins along each direction; along open directions it spans the atoms' fractional extent (one
+    # device->host read), so a fully periodic system uploads everything at once and reads nothing back
+    periodic = all(pbc)
+    grid = _grid(pbc, inv_col_norm, [0.0] * 3, [0.0] * 3, cutoff, bins_per_cutoff) if periodic else None
+    rows = [inv_np, cell_np] + ([_grid_rows(grid)] if periodic else [])
+    up = _to_device(torch.from_numpy(np.concatenate(rows)), dev)
+    inv, cell = up[0:3], up[3:6]
+    frac = pos @ inv
+    # wrap along periodic directions; offsets o are integers with pos = pos_wrapped + o @ cell
+    offs = torch.floor(frac)
+    for d in range(3):
+        if not pbc[d]:
+            offs[:, d] = 0.0
+    frac = frac - offs
+    offs_l = offs.to(torch.long)
+    pos_w = pos - offs @ cell
+    if periodic:
+        params = up[6:10]
+    else:
+        stats = torch.cat([frac.min(dim=0).values, frac.max(dim=0).values]).cpu().tolist()
+        grid = _grid(pbc, inv_col_norm, stats[0:3], stats[3:6], cutoff, bins_per_cutoff)
+        params = _to_device(torch.from_numpy(_grid_rows(grid)), dev)
+    n_bins, _, _, reach = grid
+    o_t, w_t, top_t, strides_t = params
+    # bins in float64 (integers below 2^53: exact)
+    b = torch.minimum(torch.floor((frac - o_t) / w_t).clamp(min=0.0), top_t)  # rounding at the upper cell face
+    bin_id = (b * strides_t).sum(dim=1).to(torch.long)
+    b = b.to(torch.long)
     order = torch.argsort(bin_id, stable=True)
     sorted_id = bin_id[order]
+    if kernels:
+        return _pairs_cuda(pos_w, b, sorted_id, order, offs_l, cell, pbc, n_bins, reach, cutoff)
+    pbc_t = torch.tensor(pbc, device=dev)
+    nb_t = torch.tensor(n_bins, dtype=torch.long, device=dev)
+    strides = torch.tensor([n_bins[1] * n_bins[2], n_bins[2], 1], dtype=torch.long, device=dev)
     uniq, counts = torch.unique_consecutive(sorted_id, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
 
@@ -264,5 +323,64 @@ def neighbour_list(
         shifts.append(-t - offs_l[rcv] + offs_l[snd])
     if not senders:
         return empty
+    edge_index = torch.stack([torch.cat(senders), torch.cat(receivers)])
+    return edge_index, torch.cat(shifts)
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A small host tensor on ``dev``: from pinned memory without blocking on CUDA (a pageable copy would wait)."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
+def _nl_function(kind: str, device_index: int):
+    from ..backends.cuda import codegen, compiled
+
+    return compiled("neighbours", kind, device_index, lambda: {
+        "name": f"mace_accel_nl_{kind}", "source": codegen.template_text("neighbours.cu")})
+
+
+def _pairs_cuda(pos_w, b, sorted_id, order, offs_l, cell, pbc, n_bins, reach, cutoff):
+    """The candidate pairs of :func:`neighbour_list` in the generated kernels (kernels/neighbours.cu): per chunk
+    of receivers, count, prefix-sum, one read of the edge count, fill."""
+    from ..backends.cuda import device_index, run_on_torch_stream
+
+    dev = pos_w.device
+    n_atoms = pos_w.shape[0]
+    n_off = math.prod(2 * k + 1 for k in reach)
+    index = device_index(dev)
+    count, fill = _nl_function("count", index), _nl_function("fill", index)
+    pos_w, b, offs_l, cell = (t.contiguous() for t in (pos_w, b, offs_l, cell))
+    pos_sorted = pos_w[order].contiguous()
+    pbc_mask = sum(1 << d for d in range(3) if pbc[d])
+    rows = max(1, NL_MAX_SLOTS // n_off)
+    senders, receivers, shifts = [], [], []
+    for r0 in range(0, n_atoms, rows):
+        slots = (min(n_atoms, r0 + rows) - r0) * n_off
+        counts = torch.empty(slots, dtype=torch.int32, device=dev)
+        ends = torch.empty(0, dtype=torch.long, device=dev)
+        out = [torch.empty(0, dtype=torch.long, device=dev) for _ in range(3)]
+
+        def args():
+            return (pos_w.data_ptr(), b.data_ptr(), pos_sorted.data_ptr(), sorted_id.data_ptr(), order.data_ptr(),
+                    offs_l.data_ptr(), cell.data_ptr(), counts.data_ptr(), ends.data_ptr(), out[0].data_ptr(),
+                    out[1].data_ptr(), out[2].data_ptr(), r0, slots, n_atoms, *n_bins, *reach, pbc_mask,
+                    float(cutoff) * float(cutoff))
+
+        blocks = -(-slots // NL_THREADS)
+        run_on_torch_stream(count, dev, blocks, NL_THREADS, args())
+        ends = torch.cumsum(counts, 0)
+        total = int(ends[-1])  # the one device->host read: the size of the outputs
+        if total == 0:
+            continue
+        out = [torch.empty(total, dtype=torch.long, device=dev), torch.empty(total, dtype=torch.long, device=dev),
+               torch.empty(total, 3, dtype=torch.long, device=dev)]
+        run_on_torch_stream(fill, dev, blocks, NL_THREADS, args())
+        senders.append(out[0])
+        receivers.append(out[1])
+        shifts.append(out[2])
+    if not senders:
+        return (torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=torch.long, device=dev))
     edge_index = torch.stack([torch.cat(senders), torch.cat(receivers)])
     return edge_index, torch.cat(shifts)
