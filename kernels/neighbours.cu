@@ -1,7 +1,7 @@
-// mace_accel: the candidate-pair part of the cell-list neighbour list (mace_accel/calculator/neighbours.py) as two
-// kernels, so a neighbour list costs two launches and one device->host read of the edge count instead of ~40
-// torch ops with their host time and synchronisations. The binning (wrap, grid, bin of every atom, bin-sorted
-// order) stays in torch; these kernels take its results.
+// mace_accel: the cell-list neighbour list (mace_accel/calculator/neighbours.py) on CUDA in three kernels, so a
+// neighbour list costs three launches, a sort and one device->host read of the edge count instead of ~40 torch
+// ops with their host time and synchronisations. The grid's parameters come from the host and the bin-sorted
+// order from torch.argsort; nl_bin (below the pair kernels) wraps and bins the atoms.
 //
 // One thread per slot (receiver j, neighbouring-bin offset o), o in the order of torch.meshgrid(indexing="ij") over
 // [-reach_x, reach_x] x [-reach_y, reach_y] x [-reach_z, reach_z]. The thread finds the sender bin (with its
@@ -10,6 +10,11 @@
 //   nl_fill:  writes them, in bin-sorted order, from ends[slot] - counts[slot] (ends: inclusive prefix sum of the
 //             counts over the slots), so the edges come out ordered by receiver, then offset, then rank in the
 //             bin: the order of the torch path.
+// nl_bin (one thread per atom) wraps and bins the atoms first, with the torch path's operations in its order
+// (neighbours._bin_torch): frac = (p0 * inv0 + p1 * inv1) + p2 * inv2, offs = floor(frac) along periodic
+// directions, pos_w = pos - ((o0 * cell0 + o1 * cell1) + o2 * cell2), bin = min(max(floor((frac - offs - origin) /
+// width), 0), last), bin id = bin . strides; every operation rounded on its own (no fused multiply-add), so both
+// paths bin every atom identically.
 // Distances use the torch path's arithmetic: base = pos_w[j] - img @ cell, v = base - pos_sorted[i], and
 // |v|^2 = (vx*vx + vy*vy) + vz*vz with rounded (not fused) operations, compared with cutoff^2.
 typedef long long index_t;
@@ -100,4 +105,38 @@ extern "C" __global__ void mace_accel_nl_fill(NL_KERNEL_PARAMS)
     if (slot >= slots || counts[slot] == 0) return;
     nl_visit(slot, pos_w, bins, pos_sorted, sorted_id, order, offs, cell, r0, n_atoms, nbx, nby, nbz, kx, ky, kz,
              pbc_mask, rc2, out_s, out_r, out_t, ends[slot] - counts[slot]);
+}
+
+// table: [10][3] float64 rows inv (3), cell (3), origin, width, last bin index, bin-id strides.
+extern "C" __global__ void mace_accel_nl_bin(
+    const double* __restrict__ pos, const double* __restrict__ table, double* __restrict__ pos_w,
+    index_t* __restrict__ offs, index_t* __restrict__ bins, index_t* __restrict__ bin_id, index_t n_atoms,
+    index_t pbc_mask)
+{
+    const index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_atoms) return;
+    const double* inv = table;
+    const double* cell = table + 9;
+    const double p[3] = {pos[3 * i], pos[3 * i + 1], pos[3 * i + 2]};
+    double frac[3], o[3];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+        frac[k] = __dadd_rn(__dadd_rn(__dmul_rn(p[0], inv[k]), __dmul_rn(p[1], inv[3 + k])),
+                            __dmul_rn(p[2], inv[6 + k]));
+        o[k] = ((pbc_mask >> k) & 1) ? floor(frac[k]) : 0.0;
+    }
+    index_t id = 0;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+        const double shift = __dadd_rn(__dadd_rn(__dmul_rn(o[0], cell[k]), __dmul_rn(o[1], cell[3 + k])),
+                                       __dmul_rn(o[2], cell[6 + k]));
+        pos_w[3 * i + k] = __dsub_rn(p[k], shift);
+        offs[3 * i + k] = (index_t)o[k];
+        double v = floor(__ddiv_rn(__dsub_rn(__dsub_rn(frac[k], o[k]), table[18 + k]), table[21 + k]));
+        v = v < 0.0 ? 0.0 : v;
+        v = v > table[24 + k] ? table[24 + k] : v;
+        bins[3 * i + k] = (index_t)v;
+        id += (index_t)v * (index_t)table[27 + k];
+    }
+    bin_id[i] = id;
 }

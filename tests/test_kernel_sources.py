@@ -180,7 +180,7 @@ def test_neighbour_list_source_compiles(tmp_path):
     if compiler == "nvrtc":
         from mace_accel.backends.cuda.compiler import nvrtc_compile
 
-        for kind in ("count", "fill"):
+        for kind in ("bin", "count", "fill"):
             assert nvrtc_compile(src, f"mace_accel_nl_{kind}", "sm_90")
         return
     p = _nvcc_cubin(tmp_path / "neighbours.cu", src, "sm_90")

@@ -20,10 +20,11 @@ chunks so that at most ``max_candidates`` candidate pairs are held at a time.
 Sizes (number of edges, chunk boundaries) need a few device->host synchronisations of scalars; positions
 never leave the device.
 
-On CUDA the candidate pairs are not materialised: two generated kernels (``kernels/neighbours.cu``) count and
-then write each receiver's senders, one thread per (receiver, neighbouring bin), with the same arithmetic and
-the same edge order as the torch path. That is two launches and one device->host read of the edge count
-instead of ~40 torch ops (2048 Cu atoms at 6 A: 2.9 ms wall on the H100 through torch, nearly all host time).
+On CUDA the candidate pairs are not materialised: generated kernels (``kernels/neighbours.cu``) bin the atoms
+(one thread per atom), then count and write each receiver's senders (one thread per receiver and neighbouring
+bin), with the same operations, roundings and edge order as the torch path. That is three launches, a sort and
+one device->host read of the edge count instead of ~40 torch ops (2048 Cu atoms at 6 A: 2.9 ms wall on the
+H100 through torch, nearly all host time). The 3x3 cell algebra runs on the host.
 ``backend="torch"`` runs the torch path on any device (the GPU kernels' test oracle).
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ def _grid(pbc, inv_col_norm, fmin, fmax, cutoff: float, bins_per_cutoff: int):
 
 
 def _grid_rows(grid) -> np.ndarray:
-    """origin, width, last bin index and bin-id strides as a [4, 3] float64 array (one upload)."""
+    """origin, width, last bin index and bin-id strides as a [4, 3] float64 array (uploaded with inv and cell)."""
     n_bins, width, origin, _ = grid
     return np.array([origin, width, [nb - 1 for nb in n_bins], [n_bins[1] * n_bins[2], n_bins[2], 1]],
                     dtype=np.float64)
@@ -213,33 +214,17 @@ def neighbour_list(
     inv_np = np.linalg.inv(_basis(cell_np, pbc))  # frac = pos @ inv
     inv_col_norm = np.linalg.norm(inv_np, axis=0).tolist()  # 1 / height of the cell (1 for open directions)
     # grid: bins along each direction; along open directions it spans the atoms' fractional extent (one
-    # device->host read), so a fully periodic system uploads everything at once and reads nothing back
-    periodic = all(pbc)
-    grid = _grid(pbc, inv_col_norm, [0.0] * 3, [0.0] * 3, cutoff, bins_per_cutoff) if periodic else None
-    rows = [inv_np, cell_np] + ([_grid_rows(grid)] if periodic else [])
-    up = _to_device(torch.from_numpy(np.concatenate(rows)), dev)
-    inv, cell = up[0:3], up[3:6]
-    frac = pos @ inv
-    # wrap along periodic directions; offsets o are integers with pos = pos_wrapped + o @ cell
-    offs = torch.floor(frac)
-    for d in range(3):
-        if not pbc[d]:
-            offs[:, d] = 0.0
-    frac = frac - offs
-    offs_l = offs.to(torch.long)
-    pos_w = pos - offs @ cell
-    if periodic:
-        params = up[6:10]
+    # device->host read), so a fully periodic system uploads its table at once and reads nothing back
+    if all(pbc):
+        grid = _grid(pbc, inv_col_norm, [0.0] * 3, [0.0] * 3, cutoff, bins_per_cutoff)
     else:
+        frac = _rows_times(pos, _to_device(torch.from_numpy(inv_np), dev))
         stats = torch.cat([frac.min(dim=0).values, frac.max(dim=0).values]).cpu().tolist()
         grid = _grid(pbc, inv_col_norm, stats[0:3], stats[3:6], cutoff, bins_per_cutoff)
-        params = _to_device(torch.from_numpy(_grid_rows(grid)), dev)
     n_bins, _, _, reach = grid
-    o_t, w_t, top_t, strides_t = params
-    # bins in float64 (integers below 2^53: exact)
-    b = torch.minimum(torch.floor((frac - o_t) / w_t).clamp(min=0.0), top_t)  # rounding at the upper cell face
-    bin_id = (b * strides_t).sum(dim=1).to(torch.long)
-    b = b.to(torch.long)
+    table = _to_device(torch.from_numpy(np.concatenate([inv_np, cell_np, _grid_rows(grid)])), dev)
+    cell = table[3:6]
+    pos_w, offs_l, b, bin_id = (_bin_cuda if kernels else _bin_torch)(pos, table, pbc)
     order = torch.argsort(bin_id, stable=True)
     sorted_id = bin_id[order]
     if kernels:
@@ -327,6 +312,48 @@ def neighbour_list(
     return edge_index, torch.cat(shifts)
 
 
+def _rows_times(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``a @ m`` for ``[N, 3] @ [3, 3]``, spelt ``(a0 * m0 + a1 * m1) + a2 * m2`` with each operation rounded on its
+    own: the order and roundings of the CUDA path's binning kernel."""
+    return (a[:, 0:1] * m[0] + a[:, 1:2] * m[1]) + a[:, 2:3] * m[2]
+
+
+def _bin_torch(pos: torch.Tensor, table: torch.Tensor, pbc):
+    """(pos_w, offs, bins, bin_id): atoms wrapped into the cell along periodic directions (pos = pos_w + offs @
+    cell, offs integer) and binned. ``table``: rows inv (3), cell (3), origin, width, last bin, strides."""
+    frac = _rows_times(pos, table[0:3])
+    offs = torch.floor(frac)
+    for d in range(3):
+        if not pbc[d]:
+            offs[:, d] = 0.0
+    pos_w = pos - _rows_times(offs, table[3:6])
+    # bins in float64 (integers below 2^53: exact); the minimum: rounding at the upper cell face
+    b = torch.minimum(torch.floor((frac - offs - table[6]) / table[7]).clamp(min=0.0), table[8])
+    return pos_w, offs.to(torch.long), b.to(torch.long), (b * table[9]).sum(dim=1).to(torch.long)
+
+
+def _bin_cuda(pos: torch.Tensor, table: torch.Tensor, pbc):
+    """:func:`_bin_torch` in one kernel launch (kernels/neighbours.cu, nl_bin): the same values."""
+    from ..backends.cuda import run_on_torch_stream
+
+    n = pos.shape[0]
+    pos = pos.contiguous()
+    pos_w = torch.empty_like(pos)
+    offs, b = (torch.empty(n, 3, dtype=torch.long, device=pos.device) for _ in range(2))
+    bin_id = torch.empty(n, dtype=torch.long, device=pos.device)
+    pbc_mask = sum(1 << d for d in range(3) if pbc[d])
+    run_on_torch_stream(_nl_function("bin", _device_index(pos.device)), pos.device, -(-n // NL_THREADS), NL_THREADS,
+                        (pos.data_ptr(), table.data_ptr(), pos_w.data_ptr(), offs.data_ptr(), b.data_ptr(),
+                         bin_id.data_ptr(), n, pbc_mask))
+    return pos_w, offs, b, bin_id
+
+
+def _device_index(dev: torch.device) -> int:
+    from ..backends.cuda import device_index
+
+    return device_index(dev)
+
+
 def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """A small host tensor on ``dev``: from pinned memory without blocking on CUDA (a pageable copy would wait)."""
     if dev.type != "cuda":
@@ -355,17 +382,17 @@ def _pairs_cuda(pos_w, b, sorted_id, order, offs_l, cell, pbc, n_bins, reach, cu
     pos_sorted = pos_w[order].contiguous()
     pbc_mask = sum(1 << d for d in range(3) if pbc[d])
     rows = max(1, NL_MAX_SLOTS // n_off)
-    senders, receivers, shifts = [], [], []
+    edge_chunks, shifts = [], []  # per chunk of receivers: [2, E_chunk] edge index, [E_chunk, 3] shifts
     for r0 in range(0, n_atoms, rows):
         slots = (min(n_atoms, r0 + rows) - r0) * n_off
         counts = torch.empty(slots, dtype=torch.int32, device=dev)
-        ends = torch.empty(0, dtype=torch.long, device=dev)
-        out = [torch.empty(0, dtype=torch.long, device=dev) for _ in range(3)]
+        ends, out = None, (None, None, None)  # the count kernel reads neither (null pointers)
 
         def args():
+            ptrs = (ends, *out)
             return (pos_w.data_ptr(), b.data_ptr(), pos_sorted.data_ptr(), sorted_id.data_ptr(), order.data_ptr(),
-                    offs_l.data_ptr(), cell.data_ptr(), counts.data_ptr(), ends.data_ptr(), out[0].data_ptr(),
-                    out[1].data_ptr(), out[2].data_ptr(), r0, slots, n_atoms, *n_bins, *reach, pbc_mask,
+                    offs_l.data_ptr(), cell.data_ptr(), counts.data_ptr(),
+                    *(0 if t is None else t.data_ptr() for t in ptrs), r0, slots, n_atoms, *n_bins, *reach, pbc_mask,
                     float(cutoff) * float(cutoff))
 
         blocks = -(-slots // NL_THREADS)
@@ -374,13 +401,13 @@ def _pairs_cuda(pos_w, b, sorted_id, order, offs_l, cell, pbc, n_bins, reach, cu
         total = int(ends[-1])  # the one device->host read: the size of the outputs
         if total == 0:
             continue
-        out = [torch.empty(total, dtype=torch.long, device=dev), torch.empty(total, dtype=torch.long, device=dev),
-               torch.empty(total, 3, dtype=torch.long, device=dev)]
+        edges = torch.empty(2, total, dtype=torch.long, device=dev)  # written in place when there is one chunk
+        out = (edges[0], edges[1], torch.empty(total, 3, dtype=torch.long, device=dev))
         run_on_torch_stream(fill, dev, blocks, NL_THREADS, args())
-        senders.append(out[0])
-        receivers.append(out[1])
+        edge_chunks.append(edges)
         shifts.append(out[2])
-    if not senders:
+    if not edge_chunks:
         return (torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=torch.long, device=dev))
-    edge_index = torch.stack([torch.cat(senders), torch.cat(receivers)])
-    return edge_index, torch.cat(shifts)
+    if len(edge_chunks) == 1:
+        return edge_chunks[0], shifts[0]
+    return torch.cat(edge_chunks, dim=1), torch.cat(shifts)
