@@ -422,6 +422,15 @@ def test_fast_row_gather_is_exact_and_uses_index_select():
     pos2 = pos.detach().clone().requires_grad_(True)
     (g2,) = torch.autograd.grad((pos2[idx] - pos2[idx.flip(0)]).square().sum(), pos2)
     assert torch.allclose(g, g2, rtol=1e-14, atol=1e-14)
+    # a one-row source (one structure's cell) is expanded: same rows, its gradient a sum instead of atomics
+    cell = torch.randn(1, 3, 3, dtype=torch.float64, requires_grad=True)
+    zeros = torch.zeros(5, dtype=torch.long)
+    w = torch.randn(5, 3, 3, dtype=torch.float64)
+    with FastRowGather(device_types=("cpu",)):
+        rows = cell[zeros]
+    assert rows.shape == (5, 3, 3) and torch.equal(rows.detach(), cell.detach()[zeros])
+    (gc,) = torch.autograd.grad((rows * w).sum(), cell)
+    assert torch.allclose(gc, w.sum(0, keepdim=True), rtol=1e-14, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA graph step
