@@ -179,12 +179,15 @@ def test_report_lists_replaced_and_kept_modules():
     m = model("mp-medium", 8)
     _, rep = accelerate(m, report=True)
     kept = {e.path: e for e in rep.kept}
-    assert "interactions.0.linear_up" in kept and "o3.Linear" in kept["interactions.0.linear_up"].detail
-    assert "products.0.linear" in kept and "interactions.1.conv_tp_weights" in kept
+    replaced = {e.path: e for e in rep.replaced}
+    assert "interactions.0.linear_up" in replaced and "o3.Linear" in replaced["interactions.0.linear_up"].detail
+    assert "products.0.linear" in replaced and "interactions.1.conv_tp_weights" in kept
     assert "products.0.symmetric_contractions" not in kept
-    assert "products.0.symmetric_contractions" in {e.path for e in rep.replaced}
-    _, rep = accelerate(m, report=True, symmetric_contraction=False)
-    assert "products.0.symmetric_contractions" in {e.path for e in rep.kept}
+    assert "products.0.symmetric_contractions" in replaced
+    _, rep = accelerate(m, report=True, symmetric_contraction=False, linear=False)
+    kept = {e.path: e for e in rep.kept}
+    assert "products.0.symmetric_contractions" in kept and "products.0.linear" in kept
+    assert "linear=False" in kept["interactions.0.linear_up"].detail
     text = str(rep)
     assert "o3.Linear" in text and "interactions.1.conv_tp" in text and "TensorProductConv" in text
     assert rep.dtype == "float64" and rep.device == "cpu"
@@ -530,3 +533,55 @@ def test_gpu_saved_model_holds_no_cuda_code_or_tensors(tmp_path):
     locations = []
     torch.load(tmp_path / "out.model", weights_only=False, map_location=lambda s, loc: locations.append(loc) or s)
     assert set(locations) == {"cpu"}
+
+
+# ---- o3.Linear ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("irreps_in,irreps_out", [
+    ("128x0e+128x1o+128x2e+128x3o+128x1o+128x2e", "128x0e+128x1o+128x2e+128x3o"),  # mace's linear after the conv
+    ("16x0e+8x1o+0x2e+3x1o", "5x0e+4x1o+2x2e+0x3o+6x1e"),  # mul 0 in and out, outputs no input feeds
+    ("10x0e", "7x0e"),
+])
+def test_split_linear_matches_e3nn(irreps_in, irreps_out):
+    """SplitLinear (the class swap) gives e3nn's o3.Linear's values and gradients to every order, float64."""
+    from e3nn import o3
+
+    from mace_accel.surgery.linear import SplitLinear, accelerate_linear, restore_linear
+
+    torch.manual_seed(3)
+    ref = o3.Linear(irreps_in, irreps_out).double()
+    ours = copy.deepcopy(ref)
+    accelerate_linear(ours)
+    assert type(ours) is SplitLinear and ours.weight is not ref.weight and torch.equal(ours.weight, ref.weight)
+    x = torch.randn(3, 5, ref.irreps_in.dim, dtype=F64, requires_grad=True)  # leading dimensions kept
+    a, b = ours(x), ref(x)
+    assert a.shape == b.shape == (3, 5, ref.irreps_out.dim)
+    assert float((a - b).abs().max()) <= 1e-12 * max(1.0, float(b.detach().abs().max()))
+    g = torch.randn_like(b)
+    for w in (False, True):
+        ours.weight.requires_grad_(w)
+        ref.weight.requires_grad_(w)
+        args = (x, ours.weight) if w else (x,)
+        ga = torch.autograd.grad(ours(x), args, g, create_graph=True)
+        gb = torch.autograd.grad(ref(x), (x, ref.weight) if w else (x,), g, create_graph=True)
+        for u, v in zip(ga, gb):
+            assert torch.allclose(u, v, rtol=1e-12, atol=1e-12)
+        if w:  # the map is linear in x: second order through the weights (what force training differentiates)
+            gga = torch.autograd.grad((ga[0] * ga[0]).sum(), ours.weight)[0]
+            ggb = torch.autograd.grad((gb[0] * gb[0]).sum(), ref.weight)[0]
+            assert torch.allclose(gga, ggb, rtol=1e-12, atol=1e-12)
+    xs = torch.randn(4, ref.irreps_in.dim, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(ours, (xs,), fast_mode=True)
+    restore_linear(ours)
+    assert type(ours) is o3.Linear
+
+
+def test_split_linear_leaves_biases_and_external_weights():
+    from e3nn import o3
+
+    from mace_accel.surgery.errors import UnsupportedModuleError
+    from mace_accel.surgery.linear import accelerate_linear
+
+    with pytest.raises(UnsupportedModuleError, match="biases"):
+        accelerate_linear(o3.Linear("4x0e+2x1o", "3x0e", biases=True))
+    with pytest.raises(UnsupportedModuleError, match="external weights"):
+        accelerate_linear(o3.Linear("4x0e", "3x0e", internal_weights=False, shared_weights=False))

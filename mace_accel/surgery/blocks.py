@@ -11,7 +11,8 @@ scatter_sum. :func:`accelerate_block` sets that attribute and swaps in
 * ``skip_tp`` (when it is the FullyConnectedTensorProduct with the one-hot element attributes) is an
   :class:`~mace_accel.surgery.skip.ElementSkipTP`, which keeps the call signature ``skip_tp(x, node_attrs)``.
 
-``o3.Linear`` layers, the radial MLP, the density MLP, the gate and the reshape stay e3nn/mace modules.
+The radial MLP, the density MLP, the gate and the reshape stay e3nn/mace modules; ``o3.Linear`` layers get
+their own class swap (:mod:`mace_accel.surgery.linear`).
 Swapping ``__class__`` back (see :func:`restore_block`) gives the plain mace block.
 """
 from __future__ import annotations

@@ -12,8 +12,7 @@ from .errors import BackendConversionError, SurgeryError, UnsupportedModuleError
 #: Attribute set on every model :func:`accelerate` returns (value: the mace_accel version).
 MARKER = "_mace_accel_version"
 
-_LINEAR_REASON = ("left as e3nn o3.Linear: a dense per-irrep matmul that already runs as one GEMM per irrep "
-                  "block; nothing to fuse")
+_LINEAR_REASON = "left as e3nn o3.Linear: accelerate(..., linear=False)"
 _SYMCON_REASON = "left as mace's symmetric contraction (product basis): accelerate(..., symmetric_contraction=False)"
 _RADIAL_REASON = "kept unchanged: its output feeds the fused conv in e3nn's weight layout"
 
@@ -177,15 +176,17 @@ def is_accelerated(model: torch.nn.Module) -> bool:
 
 
 def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool = True, report: bool = False,
-               deterministic: bool = False, skip_strategy: str = "auto", symmetric_contraction: bool = True
-               ) -> Union[torch.nn.Module, Tuple[torch.nn.Module, AccelerationReport]]:
+               deterministic: bool = False, skip_strategy: str = "auto", symmetric_contraction: bool = True,
+               linear: bool = True) -> Union[torch.nn.Module, Tuple[torch.nn.Module, AccelerationReport]]:
     """Return an accelerated deep copy of a mace-torch model (the input is never modified).
 
     Every supported interaction block becomes its accelerated subclass (see
     :mod:`mace_accel.surgery.blocks`): conv TP + scatter_sum fused into :class:`mace_accel.TensorProductConv`,
     the one-hot ``skip_tp`` replaced by an exact per-element linear map, and (``symmetric_contraction=True``)
     every product-basis ``SymmetricContraction`` runs generated kernels (forward, grad-x)
-    (:mod:`mace_accel.surgery.symcon`). Weights are the same values under
+    (:mod:`mace_accel.surgery.symcon`), and (``linear=True``) every e3nn ``o3.Linear`` without biases computes
+    its map from one split of the input (:mod:`mace_accel.surgery.linear`: no zero fill per input irrep in the
+    backward). Weights are the same values under
     the same parameter names. ``dtype`` ("float32"/"float64"/torch dtype) and ``device`` cast/move the copy.
     cuEquivariance / OpenEquivariance models are first converted back to e3nn with mace's own tooling.
 
@@ -250,6 +251,24 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
                 continue
             rep.add(name, "SymmetricContraction", "replaced", detail)
 
+    # e3nn's o3.Linear -> SplitLinear (same parameters; a backward without a zero fill per input irrep)
+    from e3nn import o3
+
+    from .linear import SplitLinear, accelerate_linear
+
+    for name, mod in list(out.named_modules()):
+        if not isinstance(mod, o3.Linear) or any(name.startswith(p) for p in done_prefixes):
+            continue
+        if isinstance(mod, SplitLinear):
+            rep.add(name, "Linear", "replaced", "already a SplitLinear")
+        elif not linear or type(mod) is not o3.Linear:
+            rep.add(name, "Linear", "kept", _LINEAR_REASON if not linear else f"a {type(mod).__name__}, left as is")
+        else:
+            try:
+                rep.add(name, "Linear", "replaced", accelerate_linear(mod))
+            except UnsupportedModuleError as e:  # e3nn's module stays: an exact fallback, also when strict
+                rep.add(name, "Linear", "kept", f"left as e3nn o3.Linear: {e.at(name)}")
+
     if dt is not None:
         out = out.to(dtype=dt)
     if dev is not None:
@@ -258,14 +277,10 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
     rep.device = str(model_device(out))
 
     # Everything else worth naming.
-    from e3nn import o3
-
     for name, mod in out.named_modules():
         if not name or any(name.startswith(p) for p in done_prefixes):
             continue
-        if isinstance(mod, o3.Linear):
-            rep.add(name, "Linear", "kept", _LINEAR_REASON)
-        elif type(mod).__name__ == "SymmetricContraction" and type(mod).__module__.startswith("mace") \
+        if type(mod).__name__ == "SymmetricContraction" and type(mod).__module__.startswith("mace") \
                 and not symmetric_contraction:
             rep.add(name, type(mod).__name__, "kept", _SYMCON_REASON)
     if not any(e.action == "replaced" for e in rep.entries) and not blocks:
@@ -279,6 +294,7 @@ def to_e3nn(model: torch.nn.Module) -> torch.nn.Module:
     """A plain mace-torch deep copy of an accelerated model: the original block classes and e3nn modules,
     the same weights (same names and values), same dtype and device. A plain model is returned copied."""
     from .blocks import restore_block
+    from .linear import restore_linear
     from .symcon import restore_symmetric_contraction
 
     _check_model(model)
@@ -286,6 +302,7 @@ def to_e3nn(model: torch.nn.Module) -> torch.nn.Module:
     for _, mod in list(out.named_modules()):
         restore_block(mod)
         restore_symmetric_contraction(mod)
+        restore_linear(mod)
     if hasattr(out, MARKER):
         delattr(out, MARKER)
     return out
