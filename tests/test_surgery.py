@@ -181,11 +181,12 @@ def test_report_lists_replaced_and_kept_modules():
     kept = {e.path: e for e in rep.kept}
     replaced = {e.path: e for e in rep.replaced}
     assert "interactions.0.linear_up" in replaced and "o3.Linear" in replaced["interactions.0.linear_up"].detail
-    assert "products.0.linear" in replaced and "interactions.1.conv_tp_weights" in kept
+    assert "products.0.linear" in replaced and "interactions.1.conv_tp_weights" in replaced
     assert "products.0.symmetric_contractions" not in kept
     assert "products.0.symmetric_contractions" in replaced
-    _, rep = accelerate(m, report=True, symmetric_contraction=False, linear=False)
+    _, rep = accelerate(m, report=True, symmetric_contraction=False, linear=False, radial=False)
     kept = {e.path: e for e in rep.kept}
+    assert "radial=False" in kept["interactions.1.conv_tp_weights"].detail
     assert "products.0.symmetric_contractions" in kept and "products.0.linear" in kept
     assert "linear=False" in kept["interactions.0.linear_up"].detail
     text = str(rep)
@@ -585,3 +586,38 @@ def test_split_linear_leaves_biases_and_external_weights():
         accelerate_linear(o3.Linear("4x0e+2x1o", "3x0e", biases=True))
     with pytest.raises(UnsupportedModuleError, match="external weights"):
         accelerate_linear(o3.Linear("4x0e", "3x0e", internal_weights=False, shared_weights=False))
+
+
+@pytest.mark.parametrize("kw", [dict(hs=[8, 64, 64, 64, 1280], act=torch.nn.functional.silu),  # mace's radial MLP
+                                dict(hs=[5, 7, 3], act=torch.tanh, out_act=True, variance_in=2.0, variance_out=3.0),
+                                dict(hs=[4, 6], act=None)])
+def test_folded_radial_mlp_matches_e3nn(kw):
+    """FoldedFullyConnectedNet gives e3nn's FullyConnectedNet's values and gradients (input and weights, second
+    order too) in float64, with the same parameter names and objects."""
+    from e3nn import nn as e3nn_nn
+
+    from mace_accel.surgery.radial import FoldedFullyConnectedNet, accelerate_radial, restore_radial
+
+    torch.manual_seed(4)
+    kw = dict(kw)
+    hs = kw.pop("hs")
+    ref = e3nn_nn.FullyConnectedNet(hs, **kw).double()
+    ours = copy.deepcopy(ref)
+    accelerate_radial(ours)
+    assert type(ours) is FoldedFullyConnectedNet
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    x = torch.randn(11, hs[0], dtype=F64, requires_grad=True)
+    a, b = ours(x), ref(x)
+    assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
+    g = torch.randn_like(b)
+    ga = torch.autograd.grad(a, [x, *ours.parameters()], g, create_graph=True)
+    gb = torch.autograd.grad(b, [x, *ref.parameters()], g, create_graph=True)
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u, v, rtol=1e-12, atol=1e-12)
+    if kw.get("act") is not None:  # forces are d/dx: force training differentiates them again
+        h = torch.autograd.grad((ga[0] ** 2).sum(), [x, *ours.parameters()])
+        k = torch.autograd.grad((gb[0] ** 2).sum(), [x, *ref.parameters()])
+        for u, v in zip(h, k):
+            assert torch.allclose(u, v, rtol=1e-11, atol=1e-11)
+    restore_radial(ours)
+    assert type(ours) is e3nn_nn.FullyConnectedNet

@@ -7,11 +7,12 @@ path (taken when the block has a ``conv_fusion`` attribute, as for cuEquivarianc
 scatter_sum. :func:`accelerate_block` sets that attribute and swaps in
 
 * ``conv_tp``: a :class:`~mace_accel.surgery.conv.FusedConvTP` (gather + tensor product + scatter_sum in
-  one :class:`mace_accel.TensorProductConv` call), fed by the unchanged radial MLP ``conv_tp_weights``;
+  one :class:`mace_accel.TensorProductConv` call), fed by the radial MLP ``conv_tp_weights`` (its own class
+  swap: :mod:`mace_accel.surgery.radial`);
 * ``skip_tp`` (when it is the FullyConnectedTensorProduct with the one-hot element attributes) is an
   :class:`~mace_accel.surgery.skip.ElementSkipTP`, which keeps the call signature ``skip_tp(x, node_attrs)``.
 
-The radial MLP, the density MLP, the gate and the reshape stay e3nn/mace modules; ``o3.Linear`` layers get
+The density MLP, the gate and the reshape stay e3nn/mace modules; ``o3.Linear`` layers get
 their own class swap (:mod:`mace_accel.surgery.linear`).
 Swapping ``__class__`` back (see :func:`restore_block`) gives the plain mace block.
 """

@@ -14,7 +14,7 @@ MARKER = "_mace_accel_version"
 
 _LINEAR_REASON = "left as e3nn o3.Linear: accelerate(..., linear=False)"
 _SYMCON_REASON = "left as mace's symmetric contraction (product basis): accelerate(..., symmetric_contraction=False)"
-_RADIAL_REASON = "kept unchanged: its output feeds the fused conv in e3nn's weight layout"
+_RADIAL_REASON = "left as e3nn FullyConnectedNet: accelerate(..., radial=False)"
 
 
 @dataclasses.dataclass
@@ -177,7 +177,8 @@ def is_accelerated(model: torch.nn.Module) -> bool:
 
 def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool = True, report: bool = False,
                deterministic: bool = False, skip_strategy: str = "auto", symmetric_contraction: bool = True,
-               linear: bool = True) -> Union[torch.nn.Module, Tuple[torch.nn.Module, AccelerationReport]]:
+               linear: bool = True, radial: bool = True
+               ) -> Union[torch.nn.Module, Tuple[torch.nn.Module, AccelerationReport]]:
     """Return an accelerated deep copy of a mace-torch model (the input is never modified).
 
     Every supported interaction block becomes its accelerated subclass (see
@@ -186,7 +187,8 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
     every product-basis ``SymmetricContraction`` runs generated kernels (forward, grad-x)
     (:mod:`mace_accel.surgery.symcon`), and (``linear=True``) every e3nn ``o3.Linear`` without biases computes
     its map from one split of the input (:mod:`mace_accel.surgery.linear`: no zero fill per input irrep in the
-    backward). Weights are the same values under
+    backward), and (``radial=True``) e3nn's ``FullyConnectedNet`` radial MLPs fold their activation constants into
+    the next layer's weights (:mod:`mace_accel.surgery.radial`). Weights are the same values under
     the same parameter names. ``dtype`` ("float32"/"float64"/torch dtype) and ``device`` cast/move the copy.
     cuEquivariance / OpenEquivariance models are first converted back to e3nn with mace's own tooling.
 
@@ -233,7 +235,6 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
         if isinstance(block, AcceleratedBlockMixin):
             rep.add(name, cls_name, "replaced", f"block {cls_name} -> {type(block).__name__} (mace 0.3.16 forward, "
                                                 "fused conv)")
-            rep.add(f"{name}.conv_tp_weights", type(block.conv_tp_weights).__name__, "kept", _RADIAL_REASON)
 
     # The product basis: mace's SymmetricContraction -> one generated kernel (same parameters and buffers).
     if symmetric_contraction:
@@ -269,6 +270,26 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
             except UnsupportedModuleError as e:  # e3nn's module stays: an exact fallback, also when strict
                 rep.add(name, "Linear", "kept", f"left as e3nn o3.Linear: {e.at(name)}")
 
+    # e3nn's FullyConnectedNet (the radial MLPs) -> FoldedFullyConnectedNet (same parameters, no constant
+    # multiplications over the edges)
+    from e3nn import nn as e3nn_nn
+
+    from .radial import FoldedFullyConnectedNet, accelerate_radial
+
+    for name, mod in list(out.named_modules()):
+        if not isinstance(mod, e3nn_nn.FullyConnectedNet) or any(name.startswith(p) for p in done_prefixes):
+            continue
+        cls = type(mod).__name__
+        if isinstance(mod, FoldedFullyConnectedNet):
+            rep.add(name, cls, "replaced", "already a FoldedFullyConnectedNet")
+        elif not radial or type(mod) is not e3nn_nn.FullyConnectedNet:
+            rep.add(name, cls, "kept", _RADIAL_REASON if not radial else f"a {cls}, left as is")
+        else:
+            try:
+                rep.add(name, cls, "replaced", accelerate_radial(mod))
+            except UnsupportedModuleError as e:  # e3nn's module stays: the same function
+                rep.add(name, cls, "kept", f"left as e3nn FullyConnectedNet: {e.at(name)}")
+
     if dt is not None:
         out = out.to(dtype=dt)
     if dev is not None:
@@ -295,6 +316,7 @@ def to_e3nn(model: torch.nn.Module) -> torch.nn.Module:
     the same weights (same names and values), same dtype and device. A plain model is returned copied."""
     from .blocks import restore_block
     from .linear import restore_linear
+    from .radial import restore_radial
     from .symcon import restore_symmetric_contraction
 
     _check_model(model)
@@ -303,6 +325,7 @@ def to_e3nn(model: torch.nn.Module) -> torch.nn.Module:
         restore_block(mod)
         restore_symmetric_contraction(mod)
         restore_linear(mod)
+        restore_radial(mod)
     if hasattr(out, MARKER):
         delattr(out, MARKER)
     return out

@@ -1,9 +1,11 @@
-"""Probe: mace's o3.Linear layers as e3nn's modules against SplitLinear (surgery/linear.py), in one process.
+"""Probe: one of the surgery's class swaps against e3nn's module it replaces, in one process (GPU machine).
 
-    python scripts/linear_ab.py [--rounds 6]          (GPU machine)
+    python scripts/surgery_ab.py [--restore linear|radial] [--rounds 6]
 
 Two calculators on the bench_ase system (2048 Cu atoms, MACE-MP-0-medium architecture, float32): the default
-accelerated model, and the same with every SplitLinear swapped back to e3nn's o3.Linear. Per round and
+accelerated model, and the same with one kind of swap undone: ``linear`` (every SplitLinear back to e3nn's
+o3.Linear, surgery/linear.py) or ``radial`` (every FoldedFullyConnectedNet back to e3nn's FullyConnectedNet,
+surgery/radial.py). Per round and
 calculator: the median wall time of 15 CUDA-graph get_forces() steps, and the CUDA-event median of 10 replays of
 its captured graph (the step's GPU time). Prints both per round, their medians, and the largest force difference
 between the two models.
@@ -21,27 +23,33 @@ from bench_ase import build_model  # noqa: E402
 
 import mace_accel  # noqa: E402
 from mace_accel.surgery.linear import SplitLinear, restore_linear  # noqa: E402
+from mace_accel.surgery.radial import FoldedFullyConnectedNet, restore_radial  # noqa: E402
+
+SWAPS = {"linear": ("SplitLinear", "e3nn Linear", SplitLinear, restore_linear),
+         "radial": ("folded MLP", "e3nn MLP", FoldedFullyConnectedNet, restore_radial)}
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--restore", choices=sorted(SWAPS), default="linear")
     ap.add_argument("--rounds", type=int, default=6)
     a = ap.parse_args()
     dev = torch.device("cuda")
     atoms = C.cu_atoms(8)
     model, _ = build_model(128, 6.0, 78.0, torch.float32, 0, "RealAgnosticResidualInteractionBlock")
-    calcs = {"SplitLinear": mace_accel.MACEAccelCalculator(model, device="cuda", default_dtype="float32"),
-             "e3nn Linear": mace_accel.MACEAccelCalculator(model, device="cuda", default_dtype="float32")}
-    n_split = sum(isinstance(m, SplitLinear) for m in calcs["e3nn Linear"].model.modules())
-    for m in calcs["e3nn Linear"].model.modules():
-        restore_linear(m)
+    ours, theirs, cls, restore = SWAPS[a.restore]
+    calcs = {ours: mace_accel.MACEAccelCalculator(model, device="cuda", default_dtype="float32"),
+             theirs: mace_accel.MACEAccelCalculator(model, device="cuda", default_dtype="float32")}
+    n_swapped = sum(isinstance(m, cls) for m in calcs[theirs].model.modules())
+    for m in calcs[theirs].model.modules():
+        restore(m)
     forces = {}
     for name, calc in calcs.items():
         atoms.calc = calc
         forces[name] = atoms.get_forces().copy()
-    diff = abs(forces["SplitLinear"] - forces["e3nn Linear"]).max()
-    print(f"{torch.cuda.get_device_name()}: {n_split} o3.Linear layers swapped; max |dF| between the models "
-          f"{diff:.3e} eV/A")
+    diff = abs(forces[ours] - forces[theirs]).max()
+    print(f"{torch.cuda.get_device_name()}: {n_swapped} modules swapped back ({a.restore}); max |dF| between the "
+          f"models {diff:.3e} eV/A")
     steps, gpu = {k: [] for k in calcs}, {k: [] for k in calcs}
     for rnd in range(a.rounds):
         for name, calc in (calcs.items() if rnd % 2 == 0 else reversed(list(calcs.items()))):
