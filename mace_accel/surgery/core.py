@@ -12,9 +12,7 @@ from .errors import BackendConversionError, SurgeryError, UnsupportedModuleError
 #: Attribute set on every model :func:`accelerate` returns (value: the mace_accel version).
 MARKER = "_mace_accel_version"
 
-_LINEAR_REASON = "left as e3nn o3.Linear: accelerate(..., linear=False)"
 _SYMCON_REASON = "left as mace's symmetric contraction (product basis): accelerate(..., symmetric_contraction=False)"
-_RADIAL_REASON = "left as e3nn FullyConnectedNet: accelerate(..., radial=False)"
 
 
 @dataclasses.dataclass
@@ -59,13 +57,8 @@ class AccelerationReport:
             lines.append(f"  dtype={self.dtype} device={self.device}")
         lines.append(f"  replaced ({len(self.replaced)}):")
         lines += [f"    {e.path} [{e.module}]: {e.detail}" for e in self.replaced]
-        linears = [e for e in self.kept if e.module == "Linear"]
-        others = [e for e in self.kept if e.module != "Linear"]
         lines.append(f"  left as e3nn/mace ({len(self.kept)}):")
-        lines += [f"    {e.path} [{e.module}]: {e.detail}" for e in others]
-        if linears:
-            lines.append(f"    {len(linears)} o3.Linear layers ({', '.join(e.path for e in linears)}): "
-                         f"{_LINEAR_REASON}")
+        lines += [f"    {e.path} [{e.module}]: {e.detail}" for e in self.kept]
         return "\n".join(lines)
 
 
@@ -252,43 +245,22 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
                 continue
             rep.add(name, "SymmetricContraction", "replaced", detail)
 
-    # e3nn's o3.Linear -> SplitLinear (same parameters; a backward without a zero fill per input irrep)
-    from e3nn import o3
+    # e3nn modules swapped in place for subclasses with a faster forward (same parameters): o3.Linear ->
+    # SplitLinear, nn.FullyConnectedNet (the radial MLPs) -> FoldedFullyConnectedNet
+    from .linear import LINEAR_SWAP
+    from .radial import RADIAL_SWAP
 
-    from .linear import SplitLinear, accelerate_linear
-
-    for name, mod in list(out.named_modules()):
-        if not isinstance(mod, o3.Linear) or any(name.startswith(p) for p in done_prefixes):
-            continue
-        if isinstance(mod, SplitLinear):
-            rep.add(name, "Linear", "replaced", "already a SplitLinear")
-        elif not linear or type(mod) is not o3.Linear:
-            rep.add(name, "Linear", "kept", _LINEAR_REASON if not linear else f"a {type(mod).__name__}, left as is")
-        else:
-            try:
-                rep.add(name, "Linear", "replaced", accelerate_linear(mod))
-            except UnsupportedModuleError as e:  # e3nn's module stays: an exact fallback, also when strict
-                rep.add(name, "Linear", "kept", f"left as e3nn o3.Linear: {e.at(name)}")
-
-    # e3nn's FullyConnectedNet (the radial MLPs) -> FoldedFullyConnectedNet (same parameters, no constant
-    # multiplications over the edges)
-    from e3nn import nn as e3nn_nn
-
-    from .radial import FoldedFullyConnectedNet, accelerate_radial
-
-    for name, mod in list(out.named_modules()):
-        if not isinstance(mod, e3nn_nn.FullyConnectedNet) or any(name.startswith(p) for p in done_prefixes):
-            continue
-        cls = type(mod).__name__
-        if isinstance(mod, FoldedFullyConnectedNet):
-            rep.add(name, cls, "replaced", "already a FoldedFullyConnectedNet")
-        elif not radial or type(mod) is not e3nn_nn.FullyConnectedNet:
-            rep.add(name, cls, "kept", _RADIAL_REASON if not radial else f"a {cls}, left as is")
-        else:
-            try:
-                rep.add(name, cls, "replaced", accelerate_radial(mod))
-            except UnsupportedModuleError as e:  # e3nn's module stays: the same function
-                rep.add(name, cls, "kept", f"left as e3nn FullyConnectedNet: {e.at(name)}")
+    for swap, enabled in ((LINEAR_SWAP, linear), (RADIAL_SWAP, radial)):
+        for name, mod in list(out.named_modules()):
+            if not isinstance(mod, swap.base) or any(name.startswith(p) for p in done_prefixes):
+                continue
+            kept = swap.kept_reason(mod, enabled)
+            if kept is not None:  # e3nn's module stays: the same function, also when strict
+                rep.add(name, swap.label, "kept", kept)
+            elif isinstance(mod, swap.accelerated):
+                rep.add(name, swap.label, "replaced", f"already a {swap.accelerated.__name__}")
+            else:
+                rep.add(name, swap.label, "replaced", swap.apply(mod))
 
     if dt is not None:
         out = out.to(dtype=dt)
@@ -315,8 +287,8 @@ def to_e3nn(model: torch.nn.Module) -> torch.nn.Module:
     """A plain mace-torch deep copy of an accelerated model: the original block classes and e3nn modules,
     the same weights (same names and values), same dtype and device. A plain model is returned copied."""
     from .blocks import restore_block
-    from .linear import restore_linear
-    from .radial import restore_radial
+    from .linear import LINEAR_SWAP
+    from .radial import RADIAL_SWAP
     from .symcon import restore_symmetric_contraction
 
     _check_model(model)
@@ -324,8 +296,8 @@ def to_e3nn(model: torch.nn.Module) -> torch.nn.Module:
     for _, mod in list(out.named_modules()):
         restore_block(mod)
         restore_symmetric_contraction(mod)
-        restore_linear(mod)
-        restore_radial(mod)
+        LINEAR_SWAP.restore(mod)
+        RADIAL_SWAP.restore(mod)
     if hasattr(out, MARKER):
         delattr(out, MARKER)
     return out

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 from e3nn import o3
 
-from .errors import UnsupportedModuleError
+from .swap import ClassSwap
 
 
 def unsupported_reason(lin: o3.Linear) -> Optional[str]:
@@ -73,17 +73,9 @@ class SplitLinear(o3.Linear):
         return out.reshape(*lead, self.irreps_out.dim)
 
 
-def accelerate_linear(lin: o3.Linear) -> str:
-    """Swap ``lin``'s class to :class:`SplitLinear` in place; returns the report's detail. Raises
-    :class:`UnsupportedModuleError` (module path left empty) when its forward is not covered."""
-    reason = unsupported_reason(lin)
-    if reason is not None:
-        raise UnsupportedModuleError("", reason)
-    lin.__class__ = SplitLinear
-    return (f"o3.Linear {lin.irreps_in} -> {lin.irreps_out}: one split of the input, one matmul per output irrep "
-            "(no zero fill per input irrep in the backward)")
-
-
-def restore_linear(mod: torch.nn.Module) -> None:
-    if type(mod) is SplitLinear:
-        mod.__class__ = o3.Linear
+LINEAR_SWAP = ClassSwap(
+    o3.Linear, SplitLinear, "o3.Linear", "Linear", "linear", unsupported_reason,
+    lambda lin: (f"o3.Linear {lin.irreps_in} -> {lin.irreps_out}: one split of the input, one matmul per output "
+                 "irrep (no zero fill per input irrep in the backward)"))
+accelerate_linear = LINEAR_SWAP.apply
+restore_linear = LINEAR_SWAP.restore

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from e3nn import nn as e3nn_nn
 
-from .errors import UnsupportedModuleError
+from .swap import ClassSwap
 
 
 def _activation(layer) -> Optional[tuple]:
@@ -61,16 +61,10 @@ class FoldedFullyConnectedNet(e3nn_nn.FullyConnectedNet):
         return x if carry == 1.0 else x * carry
 
 
-def accelerate_radial(net: torch.nn.Module) -> str:
-    """Swap ``net``'s class to :class:`FoldedFullyConnectedNet` in place; returns the report's detail."""
-    reason = unsupported_reason(net)
-    if reason is not None:
-        raise UnsupportedModuleError("", reason)
-    net.__class__ = FoldedFullyConnectedNet
-    return (f"e3nn FullyConnectedNet {list(net.hs)}: activation constants folded into the next layer's weights "
-            "(no constant multiplications over the edges)")
-
-
-def restore_radial(mod: torch.nn.Module) -> None:
-    if type(mod) is FoldedFullyConnectedNet:
-        mod.__class__ = e3nn_nn.FullyConnectedNet
+RADIAL_SWAP = ClassSwap(
+    e3nn_nn.FullyConnectedNet, FoldedFullyConnectedNet, "nn.FullyConnectedNet", "FullyConnectedNet", "radial",
+    unsupported_reason,
+    lambda net: (f"e3nn FullyConnectedNet {list(net.hs)}: activation constants folded into the next layer's "
+                 "weights (no constant multiplications over the edges)"))
+accelerate_radial = RADIAL_SWAP.apply
+restore_radial = RADIAL_SWAP.restore
