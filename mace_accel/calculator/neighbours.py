@@ -1,4 +1,5 @@
-"""Neighbour list in pure torch (any device), with periodic, open and mixed boundary conditions.
+"""Neighbour list on any device (torch ops; on CUDA, generated kernels), with periodic, open and mixed boundary
+conditions.
 
 Convention (the same as ``matscipy.neighbours.neighbour_list("ijS")`` and mace's ``get_neighborhood``)::
 
@@ -9,13 +10,14 @@ Every pair (i, j, S) with distance strictly below ``cutoff`` is returned once, i
 periodic images (i == j, S != 0); only the zero-shift self pair is excluded. Edges are sorted by receiver.
 
 Algorithm: cell list. Atoms are wrapped into the cell along periodic directions and binned on a grid whose
-bins are at least ``cutoff`` wide (measured perpendicular to the bin faces, so triclinic cells are fine).
+bins are about ``cutoff / bins_per_cutoff`` wide (measured perpendicular to the bin faces, so triclinic cells are
+fine).
 Along open directions the grid is spanned by unit vectors orthogonal to the periodic cell vectors and
 covers the atoms' extent. For every receiver the candidate senders are the atoms in the surrounding
 ``(2k+1)^3`` bins of the (periodically repeated) grid; ``k > 1`` only when the cutoff exceeds the cell
 height, in which case several periodic images are visited. Occupied bins are looked up with a sorted
-search, so sparse (e.g. molecular) systems cost no memory for empty bins. Receivers are processed in
-chunks so that at most ``max_candidates`` candidate pairs are held at a time.
+search, so sparse (e.g. molecular) systems cost no memory for empty bins. The torch path processes receivers
+in chunks so that at most ``max_candidates`` candidate pairs are held at a time.
 
 Sizes (number of edges, chunk boundaries) need a few device->host synchronisations of scalars; positions
 never leave the device.
@@ -23,7 +25,8 @@ never leave the device.
 On CUDA the candidate pairs are not materialised: generated kernels (``kernels/neighbours.cu``) bin the atoms
 (one thread per atom), then count and write each receiver's senders (one thread per receiver and neighbouring
 bin), with the same operations, roundings and edge order as the torch path. That is three launches, a sort and
-one device->host read of the edge count instead of ~40 torch ops (2048 Cu atoms at 6 A: 2.9 ms wall on the
+one device->host read of the edge count (per chunk of ``NL_MAX_SLOTS`` receiver-bin slots) instead of ~40 torch
+ops (2048 Cu atoms at 6 A: 2.9 ms wall on the
 H100 through torch, nearly all host time). The 3x3 cell algebra runs on the host.
 ``backend="torch"`` runs the torch path on any device (the GPU kernels' test oracle).
 """
