@@ -205,9 +205,8 @@ def neighbour_list(
         cell = torch.zeros(3, 3, dtype=dt)
     # the 3x3 algebra runs on the host (a CUDA cell costs one device->host copy: pass it on the CPU)
     cell_h = cell.detach().to(device="cpu", dtype=dt)
-    empty = (torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=torch.long, device=dev))
     if n_atoms == 0:
-        return empty
+        return _no_edges(dev)
     if check:
         check_cell(cell_h, pbc)
         if not bool(torch.isfinite(pos).all()):
@@ -226,12 +225,12 @@ def neighbour_list(
         grid = _grid(pbc, inv_col_norm, stats[0:3], stats[3:6], cutoff, bins_per_cutoff)
     n_bins, _, _, reach = grid
     table = _to_device(torch.from_numpy(np.concatenate([inv_np, cell_np, _grid_rows(grid)])), dev)
+    if kernels:
+        return _neighbours_cuda(pos, table, pbc, n_bins, reach, cutoff)
     cell = table[3:6]
-    pos_w, offs_l, b, bin_id = (_bin_cuda if kernels else _bin_torch)(pos, table, pbc)
+    pos_w, offs_l, b, bin_id = _bin_torch(pos, table, pbc)
     order = torch.argsort(bin_id, stable=True)
     sorted_id = bin_id[order]
-    if kernels:
-        return _pairs_cuda(pos_w, b, sorted_id, order, offs_l, cell, pbc, n_bins, reach, cutoff)
     pbc_t = torch.tensor(pbc, device=dev)
     nb_t = torch.tensor(n_bins, dtype=torch.long, device=dev)
     strides = torch.tensor([n_bins[1] * n_bins[2], n_bins[2], 1], dtype=torch.long, device=dev)
@@ -310,9 +309,13 @@ def neighbour_list(
         receivers.append(rcv)
         shifts.append(-t - offs_l[rcv] + offs_l[snd])
     if not senders:
-        return empty
+        return _no_edges(dev)
     edge_index = torch.stack([torch.cat(senders), torch.cat(receivers)])
     return edge_index, torch.cat(shifts)
+
+
+def _no_edges(dev: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=torch.long, device=dev)
 
 
 def _rows_times(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -335,28 +338,6 @@ def _bin_torch(pos: torch.Tensor, table: torch.Tensor, pbc):
     return pos_w, offs.to(torch.long), b.to(torch.long), (b * table[9]).sum(dim=1).to(torch.long)
 
 
-def _bin_cuda(pos: torch.Tensor, table: torch.Tensor, pbc):
-    """:func:`_bin_torch` in one kernel launch (kernels/neighbours.cu, nl_bin): the same values."""
-    from ..backends.cuda import run_on_torch_stream
-
-    n = pos.shape[0]
-    pos = pos.contiguous()
-    pos_w = torch.empty_like(pos)
-    offs, b = (torch.empty(n, 3, dtype=torch.long, device=pos.device) for _ in range(2))
-    bin_id = torch.empty(n, dtype=torch.long, device=pos.device)
-    pbc_mask = sum(1 << d for d in range(3) if pbc[d])
-    run_on_torch_stream(_nl_function("bin", _device_index(pos.device)), pos.device, -(-n // NL_THREADS), NL_THREADS,
-                        (pos.data_ptr(), table.data_ptr(), pos_w.data_ptr(), offs.data_ptr(), b.data_ptr(),
-                         bin_id.data_ptr(), n, pbc_mask))
-    return pos_w, offs, b, bin_id
-
-
-def _device_index(dev: torch.device) -> int:
-    from ..backends.cuda import device_index
-
-    return device_index(dev)
-
-
 def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """A small host tensor on ``dev``: from pinned memory without blocking on CUDA (a pageable copy would wait)."""
     if dev.type != "cuda":
@@ -371,46 +352,54 @@ def _nl_function(kind: str, device_index: int):
         "name": f"mace_accel_nl_{kind}", "source": codegen.template_text("neighbours.cu")})
 
 
-def _pairs_cuda(pos_w, b, sorted_id, order, offs_l, cell, pbc, n_bins, reach, cutoff):
-    """The candidate pairs of :func:`neighbour_list` in the generated kernels (kernels/neighbours.cu): per chunk
-    of receivers, count, prefix-sum, one read of the edge count, fill."""
+def _neighbours_cuda(pos, table, pbc, n_bins, reach, cutoff):
+    """:func:`neighbour_list`'s CUDA path (kernels/neighbours.cu): bin the atoms (nl_bin: the values of
+    :func:`_bin_torch`), sort them by bin, then per chunk of receivers count, prefix-sum, one read of the edge
+    count, fill."""
     from ..backends.cuda import device_index, run_on_torch_stream
 
-    dev = pos_w.device
-    n_atoms = pos_w.shape[0]
-    n_off = math.prod(2 * k + 1 for k in reach)
+    dev = pos.device
+    n_atoms = pos.shape[0]
     index = device_index(dev)
-    count, fill = _nl_function("count", index), _nl_function("fill", index)
-    pos_w, b, offs_l, cell = (t.contiguous() for t in (pos_w, b, offs_l, cell))
-    pos_sorted = pos_w[order].contiguous()
     pbc_mask = sum(1 << d for d in range(3) if pbc[d])
+    pos = pos.contiguous()
+    pos_w = torch.empty_like(pos)
+    offs_l, b = (torch.empty(n_atoms, 3, dtype=torch.long, device=dev) for _ in range(2))
+    bin_id = torch.empty(n_atoms, dtype=torch.long, device=dev)
+    run_on_torch_stream(_nl_function("bin", index), dev, -(-n_atoms // NL_THREADS), NL_THREADS,
+                        (pos.data_ptr(), table.data_ptr(), pos_w.data_ptr(), offs_l.data_ptr(), b.data_ptr(),
+                         bin_id.data_ptr(), n_atoms, pbc_mask))
+    order = torch.argsort(bin_id, stable=True)
+    sorted_id = bin_id[order]
+    pos_sorted = pos_w[order]
+    count, fill = _nl_function("count", index), _nl_function("fill", index)
+    cell = table[3:6]
+    n_off = math.prod(2 * k + 1 for k in reach)
     rows = max(1, NL_MAX_SLOTS // n_off)
     edge_chunks, shifts = [], []  # per chunk of receivers: [2, E_chunk] edge index, [E_chunk, 3] shifts
     for r0 in range(0, n_atoms, rows):
         slots = (min(n_atoms, r0 + rows) - r0) * n_off
-        counts = torch.empty(slots, dtype=torch.int32, device=dev)
-        ends, out = None, (None, None, None)  # the count kernel reads neither (null pointers)
-
-        def args():
-            ptrs = (ends, *out)
-            return (pos_w.data_ptr(), b.data_ptr(), pos_sorted.data_ptr(), sorted_id.data_ptr(), order.data_ptr(),
-                    offs_l.data_ptr(), cell.data_ptr(), counts.data_ptr(),
-                    *(0 if t is None else t.data_ptr() for t in ptrs), r0, slots, n_atoms, *n_bins, *reach, pbc_mask,
-                    float(cutoff) * float(cutoff))
-
         blocks = -(-slots // NL_THREADS)
-        run_on_torch_stream(count, dev, blocks, NL_THREADS, args())
+        counts = torch.empty(slots, dtype=torch.int32, device=dev)
+
+        def launch(fn, ends=None, outs=(None, None, None)):  # the count kernel reads neither (null pointers)
+            ptrs = tuple(0 if t is None else t.data_ptr() for t in (ends, *outs))
+            run_on_torch_stream(fn, dev, blocks, NL_THREADS, (
+                pos_w.data_ptr(), b.data_ptr(), pos_sorted.data_ptr(), sorted_id.data_ptr(), order.data_ptr(),
+                offs_l.data_ptr(), cell.data_ptr(), counts.data_ptr(), *ptrs, r0, slots, n_atoms, *n_bins,
+                *reach, pbc_mask, float(cutoff) * float(cutoff)))
+
+        launch(count)
         ends = torch.cumsum(counts, 0)
         total = int(ends[-1])  # the one device->host read: the size of the outputs
         if total == 0:
             continue
         edges = torch.empty(2, total, dtype=torch.long, device=dev)  # written in place when there is one chunk
-        out = (edges[0], edges[1], torch.empty(total, 3, dtype=torch.long, device=dev))
-        run_on_torch_stream(fill, dev, blocks, NL_THREADS, args())
+        shifts.append(torch.empty(total, 3, dtype=torch.long, device=dev))
+        launch(fill, ends, (edges[0], edges[1], shifts[-1]))
         edge_chunks.append(edges)
-        shifts.append(out[2])
     if not edge_chunks:
-        return (torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=torch.long, device=dev))
+        return _no_edges(dev)
     if len(edge_chunks) == 1:
         return edge_chunks[0], shifts[0]
     return torch.cat(edge_chunks, dim=1), torch.cat(shifts)

@@ -254,13 +254,7 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
         for name, mod in list(out.named_modules()):
             if not isinstance(mod, swap.base) or any(name.startswith(p) for p in done_prefixes):
                 continue
-            kept = swap.kept_reason(mod, enabled)
-            if kept is not None:  # e3nn's module stays: the same function, also when strict
-                rep.add(name, swap.label, "kept", kept)
-            elif isinstance(mod, swap.accelerated):
-                rep.add(name, swap.label, "replaced", f"already a {swap.accelerated.__name__}")
-            else:
-                rep.add(name, swap.label, "replaced", swap.apply(mod))
+            rep.add(name, swap.label, *swap.classify(mod, enabled))
 
     if dt is not None:
         out = out.to(dtype=dt)

@@ -39,43 +39,48 @@ class SplitLinear(o3.Linear):
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if weight is not None or bias is not None:
             return super().forward(features, weight, bias)
+        routes = self.__dict__.get("_split_routes")
+        if routes is None:  # static: built on the first call (the swap keeps e3nn's attributes only)
+            routes = self._split_routes = _routes(self)
         lead = features.shape[:-1]
         x = features.reshape(-1, self.irreps_in.dim)
         z = x.shape[0]
-        parts = torch.split(x, [mul_ir.dim for mul_ir in self.irreps_in], dim=1)
-        feeds: List[list] = [[] for _ in self.irreps_out]  # per output irrep: (input part, weight block)
-        offset = 0
-        for ins in self.instructions:
-            mul_in, mul_out = self.irreps_in[ins.i_in].mul, self.irreps_out[ins.i_out].mul
-            size = mul_in * mul_out
-            if size == 0:
-                continue
-            block = self.weight[offset:offset + size].reshape(mul_in, mul_out) * ins.path_weight
-            offset += size
-            feeds[ins.i_out].append((parts[ins.i_in], block))
+        parts = torch.split(x, self._split_sizes, dim=1)
         cols = []
-        for i_out, mul_ir in enumerate(self.irreps_out):
-            if mul_ir.dim == 0:
+        for mul, d, feeds in routes:
+            if not feeds:
+                cols.append(x.new_zeros(z, mul * d))
                 continue
-            if not feeds[i_out]:
-                cols.append(x.new_zeros(z, mul_ir.dim))
-                continue
-            d = mul_ir.ir.dim
             # [z * d, sum of mul_in] @ [sum of mul_in, mul_out]: the inputs' channels side by side per component
-            xs = [p.reshape(z, -1, d).transpose(1, 2) for p, _ in feeds[i_out]]
+            xs = [parts[i].reshape(z, -1, d).transpose(1, 2) for i, _, _, _ in feeds]
             lhs = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=2)).reshape(z * d, -1)
-            ws = [w for _, w in feeds[i_out]]
+            ws = [self.weight[lo:lo + mul_in * mul].reshape(mul_in, mul) * pw for _, lo, mul_in, pw in feeds]
             y = lhs @ (ws[0] if len(ws) == 1 else torch.cat(ws, dim=0))
-            cols.append(y if d == 1 else y.reshape(z, d, mul_ir.mul).transpose(1, 2).reshape(z, mul_ir.dim))
+            cols.append(y if d == 1 else y.reshape(z, d, mul).transpose(1, 2).reshape(z, mul * d))
         if not cols:
             return x.new_zeros(*lead, 0)
         out = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
         return out.reshape(*lead, self.irreps_out.dim)
 
 
+def _routes(lin: o3.Linear) -> List[tuple]:
+    """Per output irrep of nonzero dimension: (mul_out, ir dim, [(input part, weight offset, mul_in, path
+    weight), ...]) in e3nn's instruction and flat-weight order; also sets ``lin._split_sizes``."""
+    lin._split_sizes = [mul_ir.dim for mul_ir in lin.irreps_in]
+    feeds: List[list] = [[] for _ in lin.irreps_out]
+    offset = 0
+    for ins in lin.instructions:
+        mul_in, mul_out = lin.irreps_in[ins.i_in].mul, lin.irreps_out[ins.i_out].mul
+        if mul_in * mul_out == 0:
+            continue
+        feeds[ins.i_out].append((ins.i_in, offset, mul_in, ins.path_weight))
+        offset += mul_in * mul_out
+    return [(mul_ir.mul, mul_ir.ir.dim, feeds[i]) for i, mul_ir in enumerate(lin.irreps_out) if mul_ir.dim > 0]
+
+
 LINEAR_SWAP = ClassSwap(
     o3.Linear, SplitLinear, "o3.Linear", "Linear", "linear", unsupported_reason,
     lambda lin: (f"o3.Linear {lin.irreps_in} -> {lin.irreps_out}: one split of the input, one matmul per output "
-                 "irrep (no zero fill per input irrep in the backward)"))
+                 "irrep (no zero fill per input irrep in the backward)"), state=("_split_routes", "_split_sizes"))
 accelerate_linear = LINEAR_SWAP.apply
 restore_linear = LINEAR_SWAP.restore

@@ -4,7 +4,7 @@ the class back. :mod:`.linear` (``o3.Linear``) and :mod:`.radial` (``nn.FullyCon
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -20,6 +20,7 @@ class ClassSwap:
     option: str  # the keyword of accelerate() that turns the swap off
     unsupported_reason: Callable[[torch.nn.Module], Optional[str]]  # None when the swap covers the module
     describe: Callable[[torch.nn.Module], str]  # the report's detail for a swapped module
+    state: Tuple[str, ...] = ()  # attributes the accelerated forward caches on the module (dropped by restore)
 
     def apply(self, mod: torch.nn.Module) -> str:
         """Swap ``mod``'s class in place; returns the report's detail. Raises :class:`UnsupportedModuleError`
@@ -33,14 +34,20 @@ class ClassSwap:
     def restore(self, mod: torch.nn.Module) -> None:
         if type(mod) is self.accelerated:
             mod.__class__ = self.base
+            for attr in self.state:
+                mod.__dict__.pop(attr, None)
 
-    def kept_reason(self, mod: torch.nn.Module, enabled: bool) -> Optional[str]:
-        """Why ``mod`` (an instance of ``base``) stays as it is; None when it is swapped (or already was)."""
+    def classify(self, mod: torch.nn.Module, enabled: bool) -> Tuple[str, str]:
+        """For ``mod`` (an instance of ``base``): swap it when the swap is ``enabled`` and covers it; returns the
+        report's (action, detail), action "replaced" (now or already) or "kept" (e3nn's module stays: the same
+        function, also under accelerate(strict=True))."""
         if isinstance(mod, self.accelerated):
-            return None
+            return "replaced", f"already a {self.accelerated.__name__}"
         if not enabled:
-            return f"left as e3nn {self.base_name}: accelerate(..., {self.option}=False)"
+            return "kept", f"left as e3nn {self.base_name}: accelerate(..., {self.option}=False)"
         if type(mod) is not self.base:
-            return f"a {type(mod).__name__} (a subclass of {self.base_name}), left as is"
-        reason = self.unsupported_reason(mod)
-        return None if reason is None else f"left as e3nn {self.base_name}: {reason}"
+            return "kept", f"a {type(mod).__name__} (a subclass of {self.base_name}), left as is"
+        try:
+            return "replaced", self.apply(mod)
+        except UnsupportedModuleError as e:
+            return "kept", f"left as e3nn {self.base_name}: {e.reason}"
