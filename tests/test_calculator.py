@@ -433,6 +433,34 @@ def test_fast_row_gather_is_exact_and_uses_index_select():
     assert torch.allclose(gc, w.sum(0, keepdim=True), rtol=1e-14, atol=1e-14)
 
 
+def test_fast_row_gather_turns_mace_row_times_matrix_into_one_matmul():
+    """mace's einsum("be,bec->bc", unit_shifts, cell[batch[sender]]) on an expanded one-row cell becomes one
+    [E, 3] @ [3, 3] matmul: same values, first and second-order gradients as the batched einsum."""
+    from mace_accel.calculator.gather import FastRowGather
+
+    gen = torch.Generator().manual_seed(3)
+    shifts = torch.randn(11, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    cell = torch.randn(1, 3, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    batch = torch.zeros(11, dtype=torch.long)
+    v = torch.randn(11, 3, dtype=torch.float64, generator=gen)
+    with FastRowGather(device_types=("cpu",)):
+        got = torch.einsum("be, bec -> bc", shifts, cell[batch])
+        other = torch.einsum("be,bec->bc", shifts, cell[batch].clone())  # not an expanded row: untouched
+        listed = torch.einsum("be,bec->bc", [shifts, cell[batch]])
+    want = torch.einsum("be,bec->bc", shifts, cell[batch])
+    assert "Mm" in got.grad_fn.name() and "Mm" not in other.grad_fn.name()
+    assert torch.allclose(got, want, rtol=1e-14, atol=1e-14) and torch.allclose(listed, want, rtol=1e-14, atol=1e-14)
+    for out in (got, want):
+        g = torch.autograd.grad((out * v).square().sum(), (shifts, cell), create_graph=True)
+        gg = torch.autograd.grad(g[0].square().sum() + g[1].square().sum(), (shifts, cell))
+        out.grads = [t.detach() for t in g + gg]
+    for a, b in zip(got.grads, want.grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    with FastRowGather(device_types=("cpu",)):  # shapes that do not pair up pass through to einsum
+        with pytest.raises(RuntimeError):
+            torch.einsum("be,bec->bc", shifts[:5], cell[batch])
+
+
 # ---------------------------------------------------------------------------------------------- CUDA graph step
 @pytest.mark.parametrize("kind", ["periodic", "cluster", "mixed"])
 def test_null_edge_padding_is_exact(kind):
