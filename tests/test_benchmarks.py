@@ -76,6 +76,10 @@ def test_target_check(bench_conv):
     assert got["fastest_peer"] == "cueq" and not got["target_met"]
     assert bench_conv.target_check({**row, "mode": "double", "ours/cueq": 0.76})["target_met"]
     assert bench_conv.target_check({"mode": "fwd", "ours/e3nn": 0.1}) == {}  # e3nn is not a target peer
+    # ours_cold (grouping in every call) is compared with the same fastest peer, beside the verdict
+    got = bench_conv.target_check({**row, "ours_cold/oeq_det": 0.7, "ours_cold/cueq": 0.2})
+    assert got["target_met"] and got["ours_cold/fastest_peer"] == 0.7 and not got["target_met_cold"]
+    assert "target_met_cold" not in bench_conv.target_check(row)
 
 
 def test_bench_conv_dry_run(bench_conv, tmp_path, monkeypatch, capsys):
