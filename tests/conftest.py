@@ -1,4 +1,5 @@
 import os
+import sys
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
@@ -29,3 +30,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_native_plans():
+    """Native conv plans hold the kernels chosen when they were made; tests monkeypatch the kernel-table
+    switches, so each test makes its plans afresh (the compiled kernels stay cached)."""
+    native = sys.modules.get("mace_accel.backends.cuda.native")
+    if native is not None:
+        native.forget_plans()
+    yield

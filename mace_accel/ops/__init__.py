@@ -245,9 +245,34 @@ class _TPBackward(torch.autograd.Function):
         return _bwd_backward(ctx, ggx, ggy, ggw)
 
 
+def _native_python_backward(x, y, w, gout, sender, receiver, plan_key, need_x, need_y, need_w):
+    """The native conv's backward where it calls back into Python (create_graph, or a kernel not compiled yet):
+    the eager Functions' backward, differentiable when grad mode is on."""
+    bwd = _TPBackward.apply if torch.is_grad_enabled() else _bwd_impl
+    return bwd(x, y, w, gout, sender, receiver, plan_key, False, need_x, need_y, need_w)
+
+
+_NATIVE = []  # [backends.cuda.native] once imported (a per-call import statement costs host time)
+
+
+def _native():
+    if not _NATIVE:
+        from ..backends.cuda import native
+
+        native.set_python_backward(_native_python_backward)
+        _NATIVE.append(native)
+    return _NATIVE[0]
+
+
 def tp_forward(x, y, w, sender, receiver, num_rows: int, plan_key: str, deterministic: bool) -> torch.Tensor:
-    """``tp_fwd`` with autograd: the custom op under torch.compile, a plain autograd.Function otherwise."""
+    """``tp_fwd`` with autograd: the custom op under torch.compile; outside it, the atomic conv on CUDA through
+    the native extension (backends/cuda/native.py) when it is available, else a plain autograd.Function."""
     if torch.compiler.is_compiling():
         return tp_fwd(x, y, w, sender, receiver, num_rows, plan_key, deterministic)
+    if receiver is not None and not deterministic and x.is_cuda:
+        native = _native()
+        mod = native.module()
+        if mod is not None:
+            return native.conv(mod, x, y, w, sender, receiver, num_rows, get_plan(plan_key))
     return _TPForward.apply(x, y, w, sender, receiver, num_rows, plan_key, deterministic)
 

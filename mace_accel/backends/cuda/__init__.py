@@ -61,11 +61,14 @@ def target_arch_override(arch: Optional[str]):
     kernels loaded before are forgotten on entry and on exit, so no launch mixes targets."""
     from . import compiler
 
+    from . import native
+
     previous = compiler.arch_override()
     compiler.set_arch_override(arch)
     with _LOCK:
         _FUNCS.clear()
         _TARGET_SM90.clear()
+    native.forget_plans()
     try:
         yield
     finally:
@@ -73,6 +76,7 @@ def target_arch_override(arch: Optional[str]):
         with _LOCK:
             _FUNCS.clear()
             _TARGET_SM90.clear()
+        native.forget_plans()
 
 
 #: device index -> whether its compile target has sm_90's bulk copies and L2 prefetch (the tables differ before:
