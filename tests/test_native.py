@@ -38,6 +38,10 @@ def test_mode_switch(monkeypatch, fresh_state):
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     monkeypatch.setattr(native, "_build", lambda: pytest.fail("mode 0 must not build"))
     assert native.module() is None and native.status()["mode"] == "0"
+    fresh_state.update(module=object(), tried=True)  # loaded: mode 0 still turns it off
+    assert native.module() is None
+    monkeypatch.setenv(native.NATIVE_ENV, "auto")
+    assert native.module() is fresh_state["module"]
     monkeypatch.setenv(native.NATIVE_ENV, "yes")
     with pytest.raises(ValueError, match="MACE_ACCEL_NATIVE must be auto, 0 or 1"):
         native.module()
@@ -148,6 +152,19 @@ def test_native_path_is_taken_and_matches_the_python_path(layer, dtype):
         want = torch.autograd.grad(ref, ref_in, go)
         for name, a, b in zip("xyw", got, want):
             assert rel(a, b) < tol, f"d/d{name}"
+
+
+@pytest.mark.gpu
+def test_native_off_switch_after_loading(monkeypatch):
+    _native_loaded()
+    conv, (x, y, w, s, r, go) = _case("layer0", torch.float32)
+    xr = x.clone().requires_grad_(True)
+    assert _native_node(conv(xr, y, w, s, r))
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    assert not _native_node(conv(xr, y, w, s, r))
+    d = mace_accel.TensorProductConv(*mace_conv_args("layer0", mul=32), deterministic=True)
+    monkeypatch.setenv(native.NATIVE_ENV, "auto")
+    assert not _native_node(d(xr, y, w, s, r))  # the deterministic variant stays on the Python path
 
 
 @pytest.mark.gpu

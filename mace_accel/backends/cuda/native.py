@@ -94,13 +94,14 @@ def _build():
 
 
 def module():
-    """The loaded extension, or None (off, or unavailable in ``auto`` mode: warned once)."""
-    mod = _STATE["module"]
-    if mod is not None:
-        return mod
+    """The loaded extension, or None (off, or unavailable in ``auto`` mode: warned once). The mode is read on
+    every call, so ``MACE_ACCEL_NATIVE=0`` turns the path off also after the extension has loaded."""
     m = mode()
     if m == "0":
         return None
+    mod = _STATE["module"]
+    if mod is not None:
+        return mod
     if _STATE["tried"]:
         if m == "1":
             raise NativeUnavailable(f"mace_accel native conv extension: {_STATE['error']}")
