@@ -505,6 +505,26 @@ def sub_data(d: Dict[str, Any], k: int) -> Dict[str, Any]:
     return s
 
 
+def cell_parser(config: str, mode: str, impls: str, calls: int) -> argparse.ArgumentParser:
+    """Arguments of the probes that rerun one cell (scripts/host_peers.py, scripts/profile_mode.py)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=config, choices=sorted(CONFIGS))
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--mode", default=mode, choices=MODES)
+    ap.add_argument("--impls", default=impls)
+    ap.add_argument("--calls", type=int, default=calls)
+    return ap
+
+
+def cell_inputs(config: str, dtype_name: str, device: torch.device, impls: Sequence[str]):
+    """One cell's benchmark inputs as main() makes them: (args, graph, cfg, dtype, data, peers)."""
+    args = parse_args([])
+    graph = C.cu_graph(args.supercell, args.cutoff, seed=args.seed)
+    cfg = build_config(config, args.mul)
+    dtype = DTYPES[dtype_name]
+    return args, graph, cfg, dtype, make_data(cfg, graph, dtype, device, seed=1), probe_peers(device, impls)
+
+
 # ================================================================================================ main loop
 def attempt(fn):
     """``(fn(), None)`` or ``(None, (status, message))``. The exception (and the tensors its traceback

@@ -13,14 +13,12 @@ engine's hand-off to its device thread and back); ``*-1thread``, ours and oeq_de
 calling thread (``torch.autograd.set_multithreading_enabled(False)``); ``ours-python``, ours through the Python
 launch path (``MACE_ACCEL_NATIVE=0`` during its calls) instead of the native extension.
 """
-import argparse
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import _common as C  # noqa: E402
 import bench_conv as BC  # noqa: E402
 import torch  # noqa: E402
 
@@ -38,21 +36,11 @@ class _Empty(torch.autograd.Function):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="L0", choices=sorted(BC.CONFIGS))
-    ap.add_argument("--dtype", default="float32", choices=sorted(BC.DTYPES))
-    ap.add_argument("--mode", default="fwd_bwd", choices=BC.MODES)
+    ap = BC.cell_parser("L0", "fwd_bwd", "ours,ours_cold,ours_det,cueq,oeq,oeq_det", 30)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--calls", type=int, default=30)
-    ap.add_argument("--impls", default="ours,ours_cold,ours_det,cueq,oeq,oeq_det")
     a = ap.parse_args()
     dev = torch.device("cuda")
-    args = BC.parse_args([])
-    graph = C.cu_graph(args.supercell, args.cutoff, seed=args.seed)
-    cfg = BC.build_config(a.config, args.mul)
-    dtype = BC.DTYPES[a.dtype]
-    data = BC.make_data(cfg, graph, dtype, dev, seed=1)
-    peers = BC.probe_peers(dev, a.impls.split(","))
+    args, graph, cfg, dtype, data, peers = BC.cell_inputs(a.config, a.dtype, dev, a.impls.split(","))
     calls = {}
     for impl in a.impls.split(","):
         if not peers.get(BC.PEER_OF[impl], {"available": True})["available"]:

@@ -6,33 +6,20 @@ Runs the cell's calls (bench_conv's make_impl / run_mode on its Cu graph) under 
 implementation, every GPU kernel (and memset / copy) with its count and GPU time per call, largest first: where
 a mode's time goes beyond the implementation's own kernels (the loss glue of ``double``, fills, reductions).
 """
-import argparse
 import os
 import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import _common as C  # noqa: E402
 import bench_conv as BC  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="L1m", choices=sorted(BC.CONFIGS))
-    ap.add_argument("--dtype", default="float32", choices=sorted(BC.DTYPES))
-    ap.add_argument("--mode", default="double", choices=BC.MODES)
-    ap.add_argument("--impls", default="ours,cueq")
-    ap.add_argument("--calls", type=int, default=5)
-    a = ap.parse_args()
+    a = BC.cell_parser("L1m", "double", "ours,cueq", 5).parse_args()
     dev = torch.device("cuda")
-    args = BC.parse_args([])
-    graph = C.cu_graph(args.supercell, args.cutoff, seed=args.seed)
-    cfg = BC.build_config(a.config, args.mul)
-    dtype = BC.DTYPES[a.dtype]
-    data = BC.make_data(cfg, graph, dtype, dev, seed=1)
-    BC.probe_peers(dev, a.impls.split(","))
+    args, graph, cfg, dtype, data, _ = BC.cell_inputs(a.config, a.dtype, dev, a.impls.split(","))
     print(f"{torch.cuda.get_device_name()}: {a.config} {a.dtype} {a.mode}, {len(graph['sender'])} edges, "
           f"{a.calls} calls; GPU us per call")
     for impl in a.impls.split(","):
