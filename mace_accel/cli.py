@@ -167,6 +167,10 @@ def run_demo(steps: int = 20, device: str = "auto", dtype: Optional[str] = None,
     log(f"MD: VelocityVerlet, 0.5 fs, 300 K, {steps} steps (+2 warm-up) with each calculator ...")
     final, ms_ours = _time_md(atoms, ours, steps, dev)
     _, ms_theirs = _time_md(atoms, theirs, steps, dev)
+    if dev == "cuda":
+        from .backends.cuda import native
+
+        log(f"eager conv path: {native.describe()}")
 
     probe = final.copy()
     probe.calc = ours

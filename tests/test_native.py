@@ -38,6 +38,7 @@ def test_mode_switch(monkeypatch, fresh_state):
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     monkeypatch.setattr(native, "_build", lambda: pytest.fail("mode 0 must not build"))
     assert native.module() is None and native.status()["mode"] == "0"
+    assert native.describe() == "Python launches (MACE_ACCEL_NATIVE=0)"
     fresh_state.update(module=object(), tried=True)  # loaded: mode 0 still turns it off
     assert native.module() is None
     monkeypatch.setenv(native.NATIVE_ENV, "auto")
@@ -59,6 +60,7 @@ def test_build_failure_is_warned_once_or_raised(monkeypatch, fresh_state):
         warnings.simplefilter("error")  # once only
         assert native.module() is None
     assert "no C++ compiler here" in native.status()["error"] and not native.status()["loaded"]
+    assert "unavailable: RuntimeError: no C++ compiler here" in native.describe()
     monkeypatch.setenv(native.NATIVE_ENV, "1")
     with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler here"):
         native.module()

@@ -41,6 +41,8 @@ _LOCK = threading.Lock()
 _STATE: Dict[str, object] = {"module": None, "error": None, "tried": False, "build_s": None}
 #: (plan key, dtype, device index, compile target generation) -> native plan id
 _PLANS: Dict[tuple, int] = {}
+#: native plan id -> (plan, dtype, device index)
+_PLAN_INFO: Dict[int, Tuple] = {}
 #: Every CuPy function whose handle a native plan holds: kept alive for the process (a node may launch it late).
 _KEEP = []
 #: The ops layer's differentiable backward: (x, y, w, gout, sender, receiver, plan_key, nx, ny, nw) -> grads.
@@ -63,6 +65,18 @@ def status() -> Dict[str, object]:
     m = mode()
     return {"mode": m, "loaded": _STATE["module"] is not None, "error": _STATE["error"],
             "build_s": _STATE["build_s"], "tried": _STATE["tried"]}
+
+
+def describe() -> str:
+    """:func:`status` as one line for a user (the demo prints it)."""
+    st = status()
+    if st["mode"] == "0":
+        return f"Python launches ({NATIVE_ENV}=0)"
+    if st["loaded"]:
+        return f"native C++ extension (built or loaded in {st['build_s']} s)"
+    if st["error"]:
+        return f"Python launches (the native extension is unavailable: {str(st['error'])[:200]})"
+    return "native C++ extension not used yet (no eager conv call on CUDA)"
 
 
 def _build():
@@ -146,9 +160,6 @@ def _plan_id(mod, plan, dt: str, index: int) -> int:
             _PLAN_INFO[pid] = (plan, dt, index)
     return pid
 
-
-#: native plan id -> (plan, dtype, device index)
-_PLAN_INFO: Dict[int, Tuple] = {}
 
 
 def _set_kernel(mod, pid: int, slot: int, spec, fn) -> None:
