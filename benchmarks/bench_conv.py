@@ -835,6 +835,10 @@ def main(argv=None) -> Dict[str, Any]:
             C.free_memory(device)
 
     report["elapsed_s"] = time.perf_counter() - t_start
+    if device.type == "cuda" and any(PEER_OF[i] == "ours" for i in args.impls):
+        from mace_accel.backends.cuda import native
+
+        report["env"]["ours_eager_path"] = native.describe()  # the native extension or the Python launches
     C.write_json(out_path, report)
     if png_path:
         try:
