@@ -69,6 +69,42 @@ def test_build_failure_is_warned_once_or_raised(monkeypatch, fresh_state):
         native.module()
 
 
+def test_a_corrupt_cached_extension_is_rebuilt(monkeypatch, tmp_path):
+    """A library in the cache that does not load (truncated, corrupt) is deleted and built again, once; a second
+    failure is reported."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("MACE_ACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_driver_entry_points", lambda: (1, 2))
+    seen = []
+
+    class Built:
+        def set_driver(self, launch, ctx):
+            seen.append(("driver", launch, ctx))
+
+    def load_inline(name, cpp_sources, build_directory, **kw):
+        seen.append(("load", name, os.listdir(build_directory)))
+        if len([e for e in seen if e[0] == "load"]) == 1:
+            open(os.path.join(build_directory, name + ".so"), "wb").write(b"\x7fELF truncated")
+            raise ImportError("file too short")
+        return Built()
+
+    monkeypatch.setattr(cpp_extension, "load_inline", load_inline)
+    with pytest.warns(UserWarning, match="did not load .*file too short.*rebuilding"):
+        mod = native._build()
+    assert isinstance(mod, Built)
+    loads = [e for e in seen if e[0] == "load"]
+    assert len(loads) == 2 and loads[1][2] == []  # the corrupt library was deleted before the rebuild
+    assert seen[-1] == ("driver", 1, 2)
+
+    def always_broken(name, cpp_sources, build_directory, **kw):
+        raise ImportError("still corrupt")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", always_broken)
+    with pytest.warns(UserWarning), pytest.raises(ImportError, match="still corrupt"):
+        native._build()
+
+
 def test_cpu_tensors_never_take_the_native_path(monkeypatch):
     monkeypatch.setattr(native, "module", lambda: pytest.fail("CPU tensors asked for the native extension"))
     node, sh, mid, ins = mace_conv_args("layer0", mul=4, lmax_sh=2)

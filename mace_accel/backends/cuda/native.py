@@ -79,6 +79,13 @@ def describe() -> str:
     return "native C++ extension not used yet (no eager conv call on CUDA)"
 
 
+def _driver_entry_points() -> Tuple[int, int]:
+    """Addresses of cuLaunchKernel and cuCtxGetCurrent in the driver library CuPy and torch use."""
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    return (ctypes.cast(libcuda.cuLaunchKernel, ctypes.c_void_p).value,
+            ctypes.cast(libcuda.cuCtxGetCurrent, ctypes.c_void_p).value)
+
+
 def _build():
     from torch.utils import cpp_extension
 
@@ -99,9 +106,7 @@ def _build():
                 raise
             warnings.warn(f"mace_accel: native extension in {build} did not load ({e}); rebuilding it")
             shutil.rmtree(build, ignore_errors=True)
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    mod.set_driver(ctypes.cast(libcuda.cuLaunchKernel, ctypes.c_void_p).value,
-                   ctypes.cast(libcuda.cuCtxGetCurrent, ctypes.c_void_p).value)
+    mod.set_driver(*_driver_entry_points())
     _STATE["build_s"] = round(time.perf_counter() - t0, 2)
     _log.info("mace_accel: native conv extension ready in %.1f s (%s)", _STATE["build_s"], build)
     return mod
