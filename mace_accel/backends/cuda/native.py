@@ -39,7 +39,7 @@ _FORWARD_SLOT = -1
 _log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _STATE: Dict[str, object] = {"module": None, "error": None, "tried": False, "build_s": None}
-#: (plan key, dtype, device index, compile target generation) -> native plan id
+#: (plan key, dtype, device index) -> native plan id (forgotten when the compile target changes)
 _PLANS: Dict[tuple, int] = {}
 #: native plan id -> (plan, dtype, device index)
 _PLAN_INFO: Dict[int, Tuple] = {}
@@ -164,7 +164,6 @@ def _plan_id(mod, plan, dt: str, index: int) -> int:
             _PLANS[key] = pid
             _PLAN_INFO[pid] = (plan, dt, index)
     return pid
-
 
 
 def _set_kernel(mod, pid: int, slot: int, spec, fn) -> None:
