@@ -1,27 +1,43 @@
 #!/usr/bin/env bash
-# One device call that re-checks and re-measures everything GPU-side (run from the project root on the GPU
+# Re-checks and re-measures everything GPU-side, one part per device call (run from the project root on the GPU
 # machine, after `../shared/device/fetch-wheels.sh` here; carry .device):
-#     source .device/setup.sh && bash scripts/device_check.sh [tests|conv|ase|all|probes|sanitize]
-# Writes under $OUT (or benchmarks/results/ when OUT is unset): gpu_tests.log, bench_conv_h100.json/.png,
-# bench_ase_h100.json. About 4.5 + 4 + 1.5 minutes on an H100. `probes` (not part of all): per-kernel times of
+#     source .device/setup.sh && bash scripts/device_check.sh [kernels|tests|conv|ase|host|probes|sanitize]
+# Writes under $OUT (or benchmarks/results/ when OUT is unset): gpu_tests_kernels.log (test_cuda_kernels.py,
+# ~7 minutes on an H100 with the native extension's first build), gpu_tests.log (every other GPU test, ~3.5
+# minutes), bench_conv_h100.json/.png (~5.5), bench_ase_h100.json (~3); give each its own device call (600 s
+# per call). `host`: host time per call of every implementation in the layer-0 fwd+bwd cell (host_peers) and
+# the kernels of the two double cells (profile_mode), ~3 minutes. `probes`: per-kernel times of
 # every bench_conv cell, the output-part sweep, the layer-0 unroll sweep, the double-backward (d/dgout, parts)
 # sweep, the float32 dx-atomics sweep and the staged-rows sweep (about 10 minutes: give it its own device call).
 set -uo pipefail
-what=${1:-all}
+what=${1:?usage: device_check.sh kernels|tests|conv|ase|host|probes|sanitize}
 out=${OUT:-benchmarks/results}
 export MACE_ACCEL_CACHE_DIR=${MACE_ACCEL_CACHE_DIR:-/tmp/mace_accel_cache}
-if [[ $what == tests || $what == all ]]; then
+if [[ $what == kernels || $what == tests ]]; then
   # mace imports OpenEquivariance when it is importable, which JIT-builds its extension (minutes): hide it here
   [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
-  timeout -s INT 420 python -m pytest -v -p no:cacheprovider -m gpu tests/ --durations=15 > "$out/gpu_tests.log" 2>&1
-  grep -E "FAILED|ERROR|passed|failed" "$out/gpu_tests.log" | tail -8
+  if [[ $what == kernels ]]; then
+    timeout -s INT 560 python -m pytest -v -p no:cacheprovider -m gpu tests/test_cuda_kernels.py --durations=15 \
+      > "$out/gpu_tests_kernels.log" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/gpu_tests_kernels.log" | tail -8
+  else
+    timeout -s INT 560 python -m pytest -v -p no:cacheprovider -m gpu tests/ \
+      --ignore tests/test_cuda_kernels.py --durations=15 > "$out/gpu_tests.log" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/gpu_tests.log" | tail -8
+  fi
   [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
 fi
-if [[ $what == conv || $what == all ]]; then
+if [[ $what == host ]]; then
+  timeout 240 python scripts/host_peers.py > "$out/host_peers.txt" 2>&1; tail -12 "$out/host_peers.txt"
+  timeout 150 python scripts/profile_mode.py > "$out/profile_double.txt" 2>&1
+  timeout 150 python scripts/profile_mode.py --config L0 --dtype float64 >> "$out/profile_double.txt" 2>&1
+  grep "==" "$out/profile_double.txt"
+fi
+if [[ $what == conv ]]; then
   # the default budget (330 s): 250 s was too short on a fresh machine (v21: the last cell's peers skipped)
   timeout 400 python benchmarks/bench_conv.py --out "$out/bench_conv_h100.json" 2>&1 | tail -22
 fi
-if [[ $what == ase || $what == all ]]; then
+if [[ $what == ase ]]; then
   timeout 200 python benchmarks/bench_ase.py --out "$out/bench_ase_h100.json" 2>&1 | tail -8
 fi
 if [[ $what == sanitize ]]; then
