@@ -117,6 +117,29 @@ def test_cpu_tensors_never_take_the_native_path(monkeypatch):
     torch.autograd.grad(conv(x, y, w, s, r).sum(), x)
 
 
+def test_native_launch_arguments_follow_conv_params():
+    """The C++ launches pass the kernel arguments in CONV_PARAMS' order (kernels/tp_conv.cu), as the Python
+    launch does: a reorder of the kernel parameters must show here, on the CPU, not only on a GPU."""
+    import inspect
+    import re
+
+    from mace_accel.backends import cuda
+
+    params = codegen.template_text("tp_conv.cu").split("#define CONV_PARAMS")[1].split("#define CONV_ARGS")[0]
+    kernel = re.findall(r"(?:\*\s*__restrict__\s+|index_t\s+)(\w+)", params)
+    assert kernel[:15] == ["X", "Y", "W", "G", "sender", "receiver", "perm", "seg_ptr", "OUT", "DY", "DW", "X2",
+                           "Y2", "W2", "OUT2"] and kernel[15:] == ["num_edges", "num_items", "w_stride"], kernel
+    cpp = codegen.template_text(native.SOURCE)
+    documented = re.search(r"// CONV_PARAMS: ([\w, ]+) \(pointers\), then\s*//\s*([\w, ]+) \(index_t", cpp)
+    assert documented, "native_conv.cpp no longer states the argument order it follows"
+    assert [n.strip() for n in documented.group(1).split(",")] == kernel[:15]
+    assert [n.strip() for n in documented.group(2).split(",")] == kernel[15:]
+    # the Python launch's keyword arguments, in its argument tuple's order
+    launch = inspect.signature(cuda._launch).parameters
+    assert list(launch)[6:] == kernel[:15]
+    assert "int(num_edges), int(num_items), int(w_stride))" in inspect.getsource(cuda._launch)
+
+
 def _cuda_include():
     for d in filter(None, (os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
         if os.path.exists(os.path.join(d, "include", "cuda_runtime_api.h")):
