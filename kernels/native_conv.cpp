@@ -38,7 +38,6 @@ CtxGetCurrentFn g_ctx_get_current = nullptr;
 // CONV_PARAMS: X, Y, W, G, sender, receiver, perm, seg_ptr, OUT, DY, DW, X2, Y2, W2, OUT2 (pointers), then
 // num_edges, num_items, w_stride (index_t = long long).
 constexpr int kNumPointers = 15;
-enum Pointer { kX, kY, kW, kG, kSender, kReceiver, kPerm, kSeg, kOut, kDy, kDw };
 
 // One compiled kernel and what its launch needs to know (KernelSpec's fields, set from Python).
 struct Kernel {

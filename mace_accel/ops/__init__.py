@@ -121,17 +121,18 @@ def _fwd_setup(ctx, inputs, output):
     ctx.plan_key, ctx.deterministic = plan_key, deterministic
 
 
+def _eager_backward():
+    """The eager path's backward: under create_graph the autograd.Function (its gradients get a grad_fn: double
+    backward), else the implementation itself (no autograd node to build, saves an autograd.Function call)."""
+    return _TPBackward.apply if torch.is_grad_enabled() else _bwd_impl
+
+
 def _fwd_backward(ctx, gout):
     x, y, w, sender, receiver = ctx.saved_tensors
     nx, ny, nw = engine_needs_all(ctx, (0, 1, 2))
     if not (nx or ny or nw):
         return (None,) * 8
-    if not getattr(ctx, "eager", False):
-        bwd = tp_bwd
-    elif torch.is_grad_enabled():  # create_graph: the gradients get a grad_fn (double backward)
-        bwd = _TPBackward.apply
-    else:  # a plain backward pass: no autograd node to build (saves an autograd.Function call)
-        bwd = _bwd_impl
+    bwd = _eager_backward() if getattr(ctx, "eager", False) else tp_bwd
     dx, dy, dw = bwd(x, y, w, gout.contiguous(), sender, receiver, ctx.plan_key, ctx.deterministic, nx, ny, nw)
     return (dx if nx else None, dy if ny else None, dw if nw else None) + (None,) * 5
 
@@ -248,8 +249,7 @@ class _TPBackward(torch.autograd.Function):
 def _native_python_backward(x, y, w, gout, sender, receiver, plan_key, need_x, need_y, need_w):
     """The native conv's backward where it calls back into Python (create_graph, or a kernel not compiled yet):
     the eager Functions' backward, differentiable when grad mode is on."""
-    bwd = _TPBackward.apply if torch.is_grad_enabled() else _bwd_impl
-    return bwd(x, y, w, gout, sender, receiver, plan_key, False, need_x, need_y, need_w)
+    return _eager_backward()(x, y, w, gout, sender, receiver, plan_key, False, need_x, need_y, need_w)
 
 
 _NATIVE = []  # [backends.cuda.native] once imported (a per-call import statement costs host time)

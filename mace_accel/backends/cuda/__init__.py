@@ -59,9 +59,7 @@ def target_arch_override(arch: Optional[str]):
     """Within the block, compile and load every generated kernel for ``arch`` (e.g. ``compute_80``: PTX that runs
     an A100's code paths on a newer GPU; see :mod:`.compiler`), then go back to the previous target. The
     kernels loaded before are forgotten on entry and on exit, so no launch mixes targets."""
-    from . import compiler
-
-    from . import native
+    from . import compiler, native
 
     previous = compiler.arch_override()
     compiler.set_arch_override(arch)
@@ -322,12 +320,26 @@ def _dy_partials(plan: TPPlan, spec: KernelSpec, x, num_edges: int):
     return _alloc((spec.num_parts * plan.num_chunks, num_edges, plan.in2_dim), x, plan.unused_in2)
 
 
+def forward_spec(plan: TPPlan, dt: str, index: int) -> KernelSpec:
+    """The forward kernel (segmented: one warp per receiver segment) for a dtype on device ``index``; the
+    native path (native.py) registers the same one."""
+    return _spec(plan, KIND_FORWARD, dt, True, sm90=target_is_sm90(index))
+
+
+def atomic_backward_spec(plan: TPPlan, dt: str, index: int, need_x: bool, need_y: bool,
+                         need_w: bool) -> KernelSpec:
+    """The atomic variant's backward kernel (receiver-grouped runs, dx by atomics) for the gradients asked; the
+    native path registers the same one."""
+    return _spec(plan, KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w,
+                 sm90=target_is_sm90(index))
+
+
 def forward(plan: TPPlan, x, y, w, sender, receiver, num_rows: int, deterministic: bool = False):
     dt, dev = _dtype(x), x.device
     num_edges = y.shape[0]
     w_stride = plan.weight_numel if w.dim() == 2 else 0
     common = dict(X=x, Y=y, W=w, sender=sender, receiver=receiver)
-    spec = _spec(plan, KIND_FORWARD, dt, True, sm90=target_is_sm90(device_index(dev)))
+    spec = forward_spec(plan, dt, device_index(dev))
     if receiver is None:  # plain tensor product: row e <- edge e
         out = _alloc((num_edges, plan.out_dim), x, plan.unused_out)
         _launch(plan, spec, dev, num_edges, num_edges, w_stride, OUT=out, **common)
@@ -344,13 +356,14 @@ def backward(plan: TPPlan, x, y, w, gout, sender, receiver, need_x: bool, need_y
     dt, dev = _dtype(x), x.device
     num_edges = y.shape[0]
     w_stride = plan.weight_numel if w.dim() == 2 else 0
-    sm90 = target_is_sm90(device_index(dev))
+    index = device_index(dev)
+    sm90 = target_is_sm90(index)
     if receiver is None:  # plain tensor product
         spec = _spec(plan, KIND_BACKWARD, dt, True, DX_STORE if need_x else DX_NONE, need_y, need_w, sm90=sm90)
     elif deterministic:
         spec = _spec(plan, KIND_BACKWARD, dt, True, DX_NONE, need_y, need_w, sm90=sm90)
     else:
-        spec = _spec(plan, KIND_BACKWARD, dt, False, DX_ATOMIC if need_x else DX_NONE, need_y, need_w, sm90=sm90)
+        spec = atomic_backward_spec(plan, dt, index, need_x, need_y, need_w)
     dy_part = _dy_partials(plan, spec, x, num_edges) if need_y else None
     dw_edge = torch.empty(num_edges, plan.weight_numel, dtype=x.dtype, device=dev) if need_w else None
     common = dict(X=x, Y=y, W=w, G=gout, sender=sender, receiver=receiver, DY=dy_part, DW=dw_edge)

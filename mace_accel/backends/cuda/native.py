@@ -28,7 +28,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import codegen
+# native.py is imported after the package (lazily, by the ops layer): the package's names are all defined
+from . import (THREADS_PER_BLOCK, WARPS_PER_BLOCK, _dtype, _function, atomic_backward_spec, codegen, device_index,
+               forward_spec, graph_csr)
 
 NATIVE_ENV = "MACE_ACCEL_NATIVE"
 SOURCE = "native_conv.cpp"
@@ -147,8 +149,6 @@ def forget_plans():
 
 
 def _plan_id(mod, plan, dt: str, index: int) -> int:
-    from . import THREADS_PER_BLOCK, WARPS_PER_BLOCK, _function, _spec, target_is_sm90
-
     key = (plan.key, dt, index)
     pid = _PLANS.get(key)
     if pid is not None:
@@ -159,7 +159,7 @@ def _plan_id(mod, plan, dt: str, index: int) -> int:
             pid = mod.new_plan(plan.num_chunks, WARPS_PER_BLOCK, THREADS_PER_BLOCK, codegen.BULK_ALIGN_BYTES,
                                plan.out_dim, plan.in2_dim, plan.weight_numel, bool(plan.unused_out),
                                bool(plan.unused_in2), _slow_backward)
-            spec = _spec(plan, codegen.KIND_FORWARD, dt, True, sm90=target_is_sm90(index))
+            spec = forward_spec(plan, dt, index)
             _set_kernel(mod, pid, _FORWARD_SLOT, spec, _function(plan, spec, index))
             _PLANS[key] = pid
             _PLAN_INFO[pid] = (plan, dt, index)
@@ -178,10 +178,7 @@ def _slow_backward(pid, x, y, w, gout, sender, receiver, nx, ny, nw):
     plan, dt, index = _PLAN_INFO[pid]
     grads = _PYTHON_BACKWARD(x, y, w, gout, sender, receiver, plan.key, nx, ny, nw)
     if not torch.is_grad_enabled():
-        from . import DX_ATOMIC, DX_NONE, _function, _spec, target_is_sm90
-
-        spec = _spec(plan, codegen.KIND_BACKWARD, dt, False, DX_ATOMIC if nx else DX_NONE, ny, nw,
-                     sm90=target_is_sm90(index))
+        spec = atomic_backward_spec(plan, dt, index, nx, ny, nw)
         slot = sum(b for b, need in zip(_SLOT_BITS, (nx, ny, nw)) if need)
         _set_kernel(_STATE["module"], pid, slot, spec, _function(plan, spec, index))
     return grads
@@ -195,8 +192,6 @@ def set_python_backward(fn: Callable) -> None:
 
 def conv(mod, x, y, w, sender, receiver, num_rows: int, plan) -> torch.Tensor:
     """The atomic-variant fused conv through the extension (x on CUDA, inputs checked and contiguous)."""
-    from . import _dtype, device_index, graph_csr
-
     pid = _plan_id(mod, plan, _dtype(x), device_index(x.device))
     perm, seg = graph_csr(receiver, num_rows, stable=False)
     return mod.conv(x, y, w, sender, receiver, perm, seg, num_rows, pid)
