@@ -7,8 +7,8 @@
 // monomial; the monomial's value is built from products the compiler shares between blocks.
 // KIND 0: forward -> OUT[node, col(o, channel)]
 // KIND 1: grad-x from G = d loss / d OUT: DX[node, channel, i]
-// KIND 2: grad-w from G: DW[node, k, channel] for one chunk of weights [k_lo, k_hi) (not launched by the CUDA
-//         backend yet: see GRAD_W_CHUNK in sc_codegen.py)
+// KIND 2: grad-w from G: DW[node, k, channel] for one chunk of weights [k_lo, k_hi) (GRAD_W_CHUNK in
+//         sc_codegen.py; one launch per chunk)
 // Every output element is written by exactly one thread with a plain store: deterministic.
 
 typedef $$SCALAR$$ scalar_t;
@@ -34,7 +34,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) $$NAME$$(
     const index_t t = (index_t)blockIdx.x * THREADS + threadIdx.x;
     if (t >= num_nodes * NUM_CH) return;
     const index_t node = t / NUM_CH;
+#if KIND == 2
+    // grad-w: a 64-bit channel. With `const int ch` the H100 builds of some grad-w kernels came out wrong
+    // (sc_codegen.py's module docstring); the forward and grad-x kernels keep the int channel they were
+    // checked and timed with.
+    const index_t ch = t - node * NUM_CH;
+#else
     const int ch = (int)(t - node * NUM_CH);
+#endif
     const scalar_t* __restrict__ xp = X + t * NUM_ELL;
 $$LOAD_X$$
     const scalar_t* __restrict__ wp = WN + node * (index_t)(NUM_W * NUM_CH) + ch;

@@ -1,24 +1,44 @@
 """Diagnostic: each generated symmetric-contraction kernel (forward, grad-x, grad-w) against the reference
 executor, repeated with fresh inputs, with the kernels' register and local-memory use.
 
-    python scripts/sc_diag.py            (GPU machine)
+    python scripts/sc_diag.py [--grad-w-options -fmad=false ...]     (GPU machine)
+
+Forward and grad-x run as the backend launches them. The grad-w kernels (which the backend does not launch:
+see mace_accel/backends/cuda/sc.py) are built here with NVRTC, the backend's options plus ``--grad-w-options``
+(none by default: the build the backend would make), one launch per chunk of weights.
 """
+import argparse
+import os
 import sys
 
 sys.path.insert(0, "tests")
+sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
+from sc_gradw_probe import build  # noqa: E402
 from test_symcon import inputs, make_pair, rel  # noqa: E402
 
+import cupy  # noqa: E402
 from mace_accel.backends.cuda import sc as csc  # noqa: E402
-from mace_accel.backends.cuda.sc_codegen import KIND_SC_GRAD_W, SCKernelSpec, grad_w_chunks  # noqa: E402
+from mace_accel.backends.cuda.sc_codegen import (KIND_SC_GRAD_W, SC_THREADS_PER_BLOCK, SCKernelSpec,  # noqa: E402
+                                                 grad_w_chunks, render_sc)
 from mace_accel.backends.reference import sc as rsc  # noqa: E402
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grad-w-options", nargs="*", default=[])
+    a = ap.parse_args()
+    cap = cupy.cuda.Device(0).compute_capability
+    print(f"grad-w kernels built with the backend's NVRTC options + {a.grad_w_options}", flush=True)
     for case in ("mp-medium", "mp-large"):
         for dtype in (torch.float32, torch.float64):
             _, acc = make_pair(case, channels=48, dtype=dtype)
             plan = acc._sc_plan
+            dt = csc._DTYPES[dtype]
+            grad_w = {}
+            for lo, hi in grad_w_chunks(plan):
+                r = render_sc(plan, SCKernelSpec(KIND_SC_GRAD_W, dt, lo, hi))
+                grad_w[(lo, hi)] = build(r["source"], r["name"], f"sm_{cap}", a.grad_w_options)
             worst = [0.0, 0.0, 0.0]
             for rep in range(6):
                 x, _ = inputs(acc, 301, dtype, device="cuda", seed=10 + rep)
@@ -26,16 +46,18 @@ def main():
                 g = torch.randn(301, plan.out_dim, dtype=dtype, device="cuda")
                 out = csc.forward(plan, x, wn)
                 dx, _ = csc.backward(plan, x, wn, g, True, False)
-                dw = torch.empty_like(wn)  # the generated grad-w kernels, which the backend does not launch
-                for lo, hi in grad_w_chunks(plan):
-                    csc._launch(plan, SCKernelSpec(KIND_SC_GRAD_W, csc._DTYPES[dtype], lo, hi), x, x, wn, g,
-                                None, None, dw)
+                dw = torch.full_like(wn, float("nan"))
+                torch.cuda.synchronize()
+                blocks = -(-301 * 48 // SC_THREADS_PER_BLOCK)
+                args = tuple(csc._ptr(t) for t in (x, wn, g, None, None, dw)) + (301,)
+                for fn in grad_w.values():
+                    fn((blocks,), (SC_THREADS_PER_BLOCK,), args)
                 torch.cuda.synchronize()
                 x64, w64, g64 = x.double(), wn.double(), g.double()
                 ro = rsc.forward(plan, x64, w64)
                 rdx, rdw = rsc.backward(plan, x64, w64, g64, True, True)
                 errs = [rel(out.double(), ro), rel(dx.double(), rdx), rel(dw.double(), rdw)]
-                worst = [max(a, b) for a, b in zip(worst, errs)]
+                worst = [max(a_, b) for a_, b in zip(worst, errs)]
                 if max(errs) > 1e-4:
                     bad = (dw.double() - rdw).abs() > 1e-3 * rdw.abs().max()
                     idx = bad.nonzero()
@@ -43,11 +65,10 @@ def main():
                           f"{idx[:, 0].unique()[:10].tolist()}, k {idx[:, 1].unique()[:20].tolist()}, "
                           f"ch {idx[:, 2].unique()[:10].tolist()}")
             attrs = []
-            for kind in (0, 1, 2):
-                rng = (0, 16) if kind == 2 else (0, 0)  # grad-w: the first chunk
-                fn = csc._function(plan, SCKernelSpec(kind, csc._DTYPES[dtype], *rng), 0)
-                from cupy.cuda import driver
+            from cupy.cuda import driver
 
+            fns = [csc._function(plan, SCKernelSpec(kind, dt), 0) for kind in (0, 1)] + [grad_w[(0, 16)]]
+            for kind, fn in enumerate(fns):  # grad-w: the first chunk
                 regs = driver.funcGetAttribute(4, fn.ptr)   # CU_FUNC_ATTRIBUTE_NUM_REGS
                 local = driver.funcGetAttribute(3, fn.ptr)  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
                 attrs.append(f"k{kind}: regs {regs} local {local} B")

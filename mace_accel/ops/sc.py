@@ -4,8 +4,8 @@
 * ``mace_accel::sc_bwd(x, wn, gout, plan_key, need_x, need_w) -> (dx, dw)``
 
 Autograd of ``sc_fwd``: when no graph is requested (inference forces) the backward is one ``sc_bwd`` call
-(on CUDA: the generated grad-x kernel; the weight gradient, when this backward pass uses it, runs the
-reference formula, see :mod:`mace_accel.backends.cuda.sc`). When a graph is requested (``create_graph=True``: force training, Hessians) the
+(on CUDA: the generated grad-x kernel, and the grad-w kernels when this backward pass needs the weight
+gradient). When a graph is requested (``create_graph=True``: force training, Hessians) the
 backward is the reference executor's formula, made of differentiable torch ops, so every further derivative
 is exact. ``sc_bwd`` itself is therefore only ever called without a graph and has no autograd of its own.
 """

@@ -177,7 +177,7 @@ def accelerate(model: torch.nn.Module, *, dtype=None, device=None, strict: bool 
     Every supported interaction block becomes its accelerated subclass (see
     :mod:`mace_accel.surgery.blocks`): conv TP + scatter_sum fused into :class:`mace_accel.TensorProductConv`,
     the one-hot ``skip_tp`` replaced by an exact per-element linear map, and (``symmetric_contraction=True``)
-    every product-basis ``SymmetricContraction`` runs generated kernels (forward, grad-x)
+    every product-basis ``SymmetricContraction`` runs generated kernels (forward, grad-x, grad-w)
     (:mod:`mace_accel.surgery.symcon`), and (``linear=True``) every e3nn ``o3.Linear`` without biases computes
     its map from one split of the input (:mod:`mace_accel.surgery.linear`: no zero fill per input irrep in the
     backward), and (``radial=True``) e3nn's ``FullyConnectedNet`` radial MLPs fold their activation constants into

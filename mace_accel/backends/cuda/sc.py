@@ -1,7 +1,7 @@
 """Launch the generated symmetric-contraction kernels on PyTorch's current CUDA stream.
 
-Same functions and layouts as :mod:`mace_accel.backends.reference.sc`. Forward and grad-x are generated
-kernels; grad-w (training only) runs the reference formula on the GPU (see ``backward``). Every output element is written by
+Same functions and layouts as :mod:`mace_accel.backends.reference.sc`. Forward, grad-x and grad-w (training
+only; one launch per chunk of ``GRAD_W_CHUNK`` weights) are generated kernels. Every output element is written by
 one thread with a plain store, so outputs are allocated uninitialised and the result is deterministic.
 """
 from __future__ import annotations
@@ -12,7 +12,9 @@ import torch
 
 from ...plan.sc import SCPlan
 from . import _DTYPES, _ptr, compiled, device_index, run_on_torch_stream
-from .sc_codegen import KIND_SC_FORWARD, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec, render_sc
+from .sc_codegen import (KIND_SC_FORWARD, KIND_SC_GRAD_W, KIND_SC_GRAD_X, SC_THREADS_PER_BLOCK, SCKernelSpec,
+                         grad_w_chunks, render_sc)
+
 
 def _function(plan: SCPlan, spec: SCKernelSpec, device_index: int):
     return compiled(plan.key, spec, device_index, lambda: render_sc(plan, spec))
@@ -41,10 +43,8 @@ def backward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor, gout: torch.Tensor
         dx = torch.empty_like(x)
         _launch(plan, SCKernelSpec(KIND_SC_GRAD_X, _DTYPES[x.dtype]), x, x, wn, gout, None, dx, None)
     if need_w:
-        # The weight gradient (training only) runs the reference formula: the generated grad-w kernels gave
-        # wrong results on the H100 for some plans (mp-medium / mp-large float64, deterministic, while the same
-        # source built for the host is right: benchmarks/results/sc_diag_h100.txt), cause not found yet.
-        from ..reference import sc as ref
-
-        _, dw = ref.backward(plan, x, wn, gout, False, True)
+        dw = torch.empty_like(wn)  # every chunk writes all of its weights for every (node, channel)
+        dt = _DTYPES[x.dtype]
+        for lo, hi in grad_w_chunks(plan):
+            _launch(plan, SCKernelSpec(KIND_SC_GRAD_W, dt, lo, hi), x, x, wn, gout, None, None, dw)
     return dx, dw

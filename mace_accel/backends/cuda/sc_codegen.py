@@ -3,6 +3,19 @@
 Torch-free and CuPy-free. One thread owns one (node, channel): its L features, its K weights and its
 outputs (or their gradients) live in registers; the plan's terms become straight-line code grouped by
 monomial. Template: ``kernels/sym_contract.cu``.
+
+The grad-w kernels compute a thread's channel as a 64-bit index (the forward and grad-x kernels keep the
+32-bit ``int`` channel they were checked and timed with). With the ``int`` channel, the H100 builds of some
+grad-w kernels returned wrong dw (mp-large float64 at 48 channels: weights 128-143 off by 40-100%; a 14-term
+cubic polynomial of weight 130 alone was enough), while the same source built for the host with g++ was right,
+and so was a ptxas -O1 / -O0 / -G build of the same PTX. The PTX of that 14-term kernel reads right; with an
+``int`` channel it computes each column ``first + ch * stride`` as a 64-bit multiply by ``stride << 32`` and a
+sign-extending shift, the pattern the 64-bit channel removes. That ptxas miscompiles this pattern is our
+explanation, not a proven one: no SASS was read. Building with -fmad=false or ptxas -O1 instead only moved the
+wrong weights to other chunks and other dtypes; with the 64-bit channel, every grad-w kernel of the tested plans
+is right, and so are the GPU tests that use them (scripts/sc_gradw_probe.py, scripts/sc_diag.py;
+benchmarks/results/sc_gradw_probe_h100.txt, sc_gradw_bisect_h100.txt, sc_gradw_trials_h100.txt,
+sc_diag_index64_h100.txt, gpu_tests_sc_gradw_h100.log).
 """
 from __future__ import annotations
 
@@ -17,10 +30,7 @@ from .codegen import fill_template, template_text
 KIND_SC_FORWARD, KIND_SC_GRAD_X, KIND_SC_GRAD_W = 0, 1, 2
 #: Threads per block: 4 warps, one (node, channel) each.
 SC_THREADS_PER_BLOCK = 4 * WARP_SIZE
-#: Weights per grad-w kernel. KIND 2 is not launched by the CUDA backend yet: on the H100 its NVRTC builds gave
-#: wrong dw for some float64 plans (one chunk of mp-large, all 1o weights of mp-medium when unchunked) while
-#: the same source built for the host is right (tests/test_symcon.py; scripts/sc_diag.py and
-#: benchmarks/results/sc_diag_h100.txt). The weight gradient (training only) runs the reference formula.
+#: Weights per grad-w kernel (one launch per chunk: only the chunk's accumulators are live).
 GRAD_W_CHUNK = 16
 _SCALAR = {"float32": "float", "float64": "double"}
 
