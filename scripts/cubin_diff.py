@@ -38,6 +38,20 @@ def old_template(rev: str):
     return text
 
 
+def both_cubins(module, render, old_text, arch: str):
+    """(kernel name, [cubin from the working tree's kernels/, cubin from ``old_text``'s]) of ``render()``, which
+    reads its templates through ``module.template_text``."""
+    new_text, cubins = module.template_text, []
+    for text in (new_text, old_text):
+        module.template_text = text
+        try:
+            r = render()
+        finally:
+            module.template_text = new_text
+        cubins.append(nvrtc_compile(r["source"], r["name"], arch))
+    return r["name"], cubins
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", required=True, help="git revision whose kernels/ to compare against")
@@ -47,7 +61,7 @@ def main() -> int:
     ap.add_argument("--sc", action="store_true", help="also the symmetric-contraction kernels")
     a = ap.parse_args()
     plans = P.mp0_plans(a.configs)
-    new_text, old_text = codegen.template_text, old_template(a.old)
+    old_text = old_template(a.old)
     same, differ, seen = 0, [], set()
     for cfg, plan in plans.items():
         for dt in a.dtypes:
@@ -55,15 +69,7 @@ def main() -> int:
                 if (cfg, spec) in seen:
                     continue
                 seen.add((cfg, spec))
-                cubins = []
-                for text in (new_text, old_text):
-                    codegen.template_text = text
-                    try:
-                        r = codegen.render(plan, spec)
-                    finally:
-                        codegen.template_text = new_text
-                    cubins.append(nvrtc_compile(r["source"], r["name"], a.arch))
-                name = r["name"]
+                name, cubins = both_cubins(codegen, lambda: codegen.render(plan, spec), old_text, a.arch)
                 identical = cubins[0] == cubins[1]
                 same += identical
                 if not identical:
@@ -87,7 +93,6 @@ def sc_kernels(old_text, arch: str, dtypes):
 
     from mace_accel.backends.cuda import sc_codegen as S
 
-    new_text = S.template_text
     same, differ = 0, []
     for case in ("mp-small", "mp-medium", "mp-large", "lmax1-corr4"):
         for dt in dtypes:
@@ -96,18 +101,11 @@ def sc_kernels(old_text, arch: str, dtypes):
             specs = [S.SCKernelSpec(S.KIND_SC_FORWARD, dt), S.SCKernelSpec(S.KIND_SC_GRAD_X, dt)]
             specs += [S.SCKernelSpec(S.KIND_SC_GRAD_W, dt, lo, hi) for lo, hi in S.grad_w_chunks(plan)]
             for spec in specs:
-                cubins = []
-                for text in (new_text, old_text):
-                    S.template_text = text
-                    try:
-                        r = S.render_sc(plan, spec)
-                    finally:
-                        S.template_text = new_text
-                    cubins.append(nvrtc_compile(r["source"], r["name"], arch))
+                name, cubins = both_cubins(S, lambda: S.render_sc(plan, spec), old_text, arch)
                 identical = cubins[0] == cubins[1]
                 same += identical
                 if not identical:
-                    differ.append(f"sc {case} {dt} {spec.tag()} ({r['name']})")
+                    differ.append(f"sc {case} {dt} {spec.tag()} ({name})")
                 print(f"sc {case:11s} {dt} {spec.tag():14s} {'same' if identical else 'DIFFERENT'} "
                       f"({len(cubins[0])} bytes)", flush=True)
     return same, differ
