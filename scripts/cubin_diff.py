@@ -38,9 +38,10 @@ def old_template(rev: str):
     return text
 
 
-def both_cubins(module, render, old_text, arch: str):
-    """(kernel name, [cubin from the working tree's kernels/, cubin from ``old_text``'s]) of ``render()``, which
-    reads its templates through ``module.template_text``."""
+def compare(module, render, old_text, arch: str, label: str, differ: list) -> bool:
+    """Whether ``render()`` (which reads its templates through ``module.template_text``) compiles to the same
+    cubin from the working tree's kernels/ and from ``old_text``'s; prints one line, and appends ``label`` and
+    the kernel's name to ``differ`` if not."""
     new_text, cubins = module.template_text, []
     for text in (new_text, old_text):
         module.template_text = text
@@ -49,7 +50,11 @@ def both_cubins(module, render, old_text, arch: str):
         finally:
             module.template_text = new_text
         cubins.append(nvrtc_compile(r["source"], r["name"], arch))
-    return r["name"], cubins
+    identical = cubins[0] == cubins[1]
+    if not identical:
+        differ.append(f"{' '.join(label.split())} ({r['name']})")
+    print(f"{label} {'same' if identical else 'DIFFERENT'} ({len(cubins[0])} bytes)", flush=True)
+    return identical
 
 
 def main() -> int:
@@ -69,13 +74,8 @@ def main() -> int:
                 if (cfg, spec) in seen:
                     continue
                 seen.add((cfg, spec))
-                name, cubins = both_cubins(codegen, lambda: codegen.render(plan, spec), old_text, a.arch)
-                identical = cubins[0] == cubins[1]
-                same += identical
-                if not identical:
-                    differ.append(f"{cfg} {dt} {label} ({name})")
-                print(f"{cfg:8s} {dt} {label:12s} stage={spec.stage or '-':2s} "
-                      f"{'same' if identical else 'DIFFERENT'} ({len(cubins[0])} bytes)", flush=True)
+                same += compare(codegen, lambda: codegen.render(plan, spec), old_text, a.arch,
+                                f"{cfg:8s} {dt} {label:12s} stage={spec.stage or '-':2s}", differ)
     if a.sc:
         s_same, s_differ = sc_kernels(old_text, a.arch, a.dtypes)
         same, differ = same + s_same, differ + s_differ
@@ -101,13 +101,8 @@ def sc_kernels(old_text, arch: str, dtypes):
             specs = [S.SCKernelSpec(S.KIND_SC_FORWARD, dt), S.SCKernelSpec(S.KIND_SC_GRAD_X, dt)]
             specs += [S.SCKernelSpec(S.KIND_SC_GRAD_W, dt, lo, hi) for lo, hi in S.grad_w_chunks(plan)]
             for spec in specs:
-                name, cubins = both_cubins(S, lambda: S.render_sc(plan, spec), old_text, arch)
-                identical = cubins[0] == cubins[1]
-                same += identical
-                if not identical:
-                    differ.append(f"sc {case} {dt} {spec.tag()} ({name})")
-                print(f"sc {case:11s} {dt} {spec.tag():14s} {'same' if identical else 'DIFFERENT'} "
-                      f"({len(cubins[0])} bytes)", flush=True)
+                same += compare(S, lambda: S.render_sc(plan, spec), old_text, arch,
+                                f"sc {case:11s} {dt} {spec.tag():14s}", differ)
     return same, differ
 
 
