@@ -193,6 +193,35 @@ def test_generated_sources_compile(tmp_path):
             assert p.returncode == 0, f"{spec.tag()}:\n{p.stderr[-2000:]}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_grad_w_kernels_index_channels_in_64_bits(dtype):
+    """The grad-w kernels compute the channel as a 64-bit index: with an int channel, NVRTC widened each column
+    index with a multiply by ``stride << 32`` and a shift right by 32, and the H100 builds of some of those kernels
+    were wrong (sc_codegen.py's module docstring). Their PTX has neither; the forward kernel keeps the int channel
+    (the build it was checked and timed with) and so still has them."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception:
+        pytest.skip("NVRTC is not available on this machine")
+    import re
+
+    from mace_accel.backends.cuda.compiler import nvrtc_compile
+
+    def widenings(spec):
+        r = render_sc(plan, spec)
+        ptx = nvrtc_compile(r["source"], r["name"], "compute_90").decode(errors="replace")
+        muls = [int(c) for c in re.findall(r"mul\.lo\.s64\s+%rd\d+,\s*%rd\d+,\s*(-?\d+);", ptx)]
+        return (sum(1 for c in muls if c and c % (1 << 32) == 0)
+                + len(re.findall(r"shr\.s64\s+%rd\d+,\s*%rd\d+,\s*32;", ptx)))
+
+    _, acc = make_pair("mp-large", channels=48, dtype=getattr(torch, dtype))
+    plan = acc._sc_plan
+    assert widenings(SCKernelSpec(KIND_SC_GRAD_W, dtype, 128, 144)) == 0  # the chunk that was wrong in float64
+    assert widenings(SCKernelSpec(KIND_SC_FORWARD, dtype)) > 0
+
+
 @pytest.mark.parametrize("case", ["mp-medium", "lmax1-corr4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_generated_kernels_compute_the_reference_on_host(case, dtype, tmp_path):
