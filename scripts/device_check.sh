@@ -9,8 +9,9 @@
 # the kernels of the two double cells (profile_mode), ~3 minutes. `probes`: per-kernel times of
 # every bench_conv cell, the output-part sweep, the layer-0 unroll sweep, the double-backward (d/dgout, parts)
 # sweep, the float32 dx-atomics sweep and the staged-rows sweep (about 10 minutes: give it its own device call).
+# `sc`: the symmetric-contraction kernels against the reference and their speed (sc_diag, sc_fmad_ab; ~3 minutes).
 set -uo pipefail
-what=${1:?usage: device_check.sh kernels|tests|conv|ase|host|probes|sanitize}
+what=${1:?usage: device_check.sh kernels|tests|conv|ase|host|probes|sanitize|sc}
 out=${OUT:-benchmarks/results}
 export MACE_ACCEL_CACHE_DIR=${MACE_ACCEL_CACHE_DIR:-/tmp/mace_accel_cache}
 if [[ $what == kernels || $what == tests ]]; then
@@ -39,6 +40,14 @@ if [[ $what == conv ]]; then
 fi
 if [[ $what == ase ]]; then
   timeout 200 python benchmarks/bench_ase.py --out "$out/bench_ase_h100.json" 2>&1 | tail -8
+fi
+if [[ $what == sc ]]; then
+  # the symmetric contraction's kernels against the reference (sc_diag: 48 channels, every grad-w chunk) and
+  # their speed, the grad-w kernels against the reference formula (sc_fmad_ab: 2048 nodes, 128 channels)
+  [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
+  timeout 150 python scripts/sc_diag.py > "$out/sc_diag.txt" 2>&1; grep "worst" "$out/sc_diag.txt"
+  timeout 200 python scripts/sc_fmad_ab.py > "$out/sc_fmad_ab.txt" 2>&1; grep -E "nodes|grad-w" "$out/sc_fmad_ab.txt"
+  [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
 fi
 if [[ $what == sanitize ]]; then
   [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden

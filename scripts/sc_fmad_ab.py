@@ -7,8 +7,8 @@ The grad-w kernels come out wrong for some plans on the H100 (scripts/sc_gradw_p
 trial built them without FMA contraction. This prints, for the MACE-MP-0 product
 basis (mp-medium, mp-large) in both dtypes: the forward and grad-x kernels built as the backend builds them and
 with -fmad=false (time, and relative error against the float64 reference executor), then the weight gradient
-by the grad-w kernels built with -fmad=false (one launch per chunk) and by the reference formula on the GPU (the
-backend's path).
+by the grad-w kernels built with -fmad=false (one launch per chunk), by the backend (its grad-w kernels: 64-bit
+channel, the common options; the reference formula before v36) and by the reference formula on the GPU.
 CUDA events, median of 20 after 3 warm-ups; each call alone.
 """
 import argparse
@@ -82,11 +82,15 @@ def main():
             torch.cuda.synchronize()
             err_k = rel(dw.double(), rdw)
             ms_k = C.time_fn(call, dev, 3, 20)["median_ms"]
+            dw_b = csc.backward(plan, x, wn, g, False, True)[1]  # the backend's grad-w (its own build)
+            torch.cuda.synchronize()
+            err_b = rel(dw_b.double(), rdw)
+            ms_b = C.time_fn(lambda: csc.backward(plan, x, wn, g, False, True), dev, 3, 20)["median_ms"]
             dw_r = rsc.backward(plan, x, wn, g, False, True)[1]
             err_r = rel(dw_r.double(), rdw)
             ms_r = C.time_fn(lambda: rsc.backward(plan, x, wn, g, False, True), dev, 3, 20)["median_ms"]
-            print(f"  grad-w   kernels      {ms_k:8.3f} ms  rel {err_k:.2e}   reference formula {ms_r:8.3f} ms  "
-                  f"rel {err_r:.2e}", flush=True)
+            print(f"  grad-w   -fmad=false  {ms_k:8.3f} ms  rel {err_k:.2e}   backend {ms_b:8.3f} ms  rel {err_b:.2e}   "
+                  f"reference formula {ms_r:8.3f} ms  rel {err_r:.2e}", flush=True)
             torch.cuda.empty_cache()
 
 
