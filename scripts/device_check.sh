@@ -14,9 +14,12 @@ set -uo pipefail
 what=${1:?usage: device_check.sh kernels|tests|conv|ase|host|probes|sanitize|sc}
 out=${OUT:-benchmarks/results}
 export MACE_ACCEL_CACHE_DIR=${MACE_ACCEL_CACHE_DIR:-/tmp/mace_accel_cache}
+# mace imports OpenEquivariance when it is importable, which JIT-builds its extension (minutes): the parts that
+# do not time it hide it while they run
+hide_oeq() { if [ -d /tmp/site/openequivariance ]; then mv /tmp/site/openequivariance /tmp/oeq_hidden; fi; }
+show_oeq() { if [ -d /tmp/oeq_hidden ]; then mv /tmp/oeq_hidden /tmp/site/openequivariance; fi; }
 if [[ $what == kernels || $what == tests ]]; then
-  # mace imports OpenEquivariance when it is importable, which JIT-builds its extension (minutes): hide it here
-  [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
+  hide_oeq
   if [[ $what == kernels ]]; then
     timeout -s INT 560 python -m pytest -v -p no:cacheprovider -m gpu tests/test_cuda_kernels.py --durations=15 \
       > "$out/gpu_tests_kernels.log" 2>&1
@@ -26,7 +29,7 @@ if [[ $what == kernels || $what == tests ]]; then
       --ignore tests/test_cuda_kernels.py --durations=15 > "$out/gpu_tests.log" 2>&1
     grep -E "FAILED|ERROR|passed|failed" "$out/gpu_tests.log" | tail -8
   fi
-  [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
+  show_oeq
 fi
 if [[ $what == host ]]; then
   timeout 240 python scripts/host_peers.py > "$out/host_peers.txt" 2>&1; tail -12 "$out/host_peers.txt"
@@ -44,27 +47,27 @@ fi
 if [[ $what == sc ]]; then
   # the symmetric contraction's kernels against the reference (sc_diag: 48 channels, every grad-w chunk) and
   # their speed, the grad-w kernels against the reference formula (sc_fmad_ab: 2048 nodes, 128 channels)
-  [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
+  hide_oeq
   timeout 150 python scripts/sc_diag.py > "$out/sc_diag.txt" 2>&1; grep "worst" "$out/sc_diag.txt"
   timeout 200 python scripts/sc_fmad_ab.py > "$out/sc_fmad_ab.txt" 2>&1; grep -E "nodes|grad-w" "$out/sc_fmad_ab.txt"
-  [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
+  show_oeq
 fi
 if [[ $what == sanitize ]]; then
-  [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
+  hide_oeq
   for t in memcheck racecheck synccheck; do
     timeout 200 compute-sanitizer --tool $t --kernel-name kns=mace_accel --print-limit 20 \
       python scripts/sanitize_conv.py > "$out/sanitize_conv_$t.txt" 2>&1
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/sanitize_conv_$t.txt"
   done
-  [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
+  show_oeq
 fi
 if [[ $what == probes ]]; then
-  [ -d /tmp/site/openequivariance ] && mv /tmp/site/openequivariance /tmp/oeq_hidden
+  hide_oeq
   timeout 200 python scripts/conv_breakdown.py > "$out/conv_breakdown.txt" 2>&1; grep event "$out/conv_breakdown.txt"
   timeout 300 python scripts/part_sweep.py > "$out/part_sweep.txt" 2>&1; tail -40 "$out/part_sweep.txt"
   timeout 120 python scripts/occupancy_sweep.py > "$out/occupancy_sweep.txt" 2>&1; tail -12 "$out/occupancy_sweep.txt"
   timeout 200 python scripts/double_sweep.py > "$out/double_sweep.txt" 2>&1; grep double "$out/double_sweep.txt"
   timeout 120 python scripts/dx_atomic_sweep.py > "$out/dx_atomic_sweep.txt" 2>&1; grep float32 "$out/dx_atomic_sweep.txt"
   timeout 300 python scripts/stage_sweep.py > "$out/stage_sweep.txt" 2>&1; grep stage "$out/stage_sweep.txt"
-  [ -d /tmp/oeq_hidden ] && mv /tmp/oeq_hidden /tmp/site/openequivariance
+  show_oeq
 fi

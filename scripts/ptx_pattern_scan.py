@@ -13,30 +13,19 @@ counts per kernel (multiplies by a nonzero multiple of 2**32, arithmetic shifts 
 """
 import argparse
 import os
-import re
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import part_sweep as P  # noqa: E402  (puts tests/ on the path)
 import torch  # noqa: E402
+from ptx_checks import int_index_widenings as counts  # noqa: E402
 from test_symcon import make_pair  # noqa: E402
 from tp_cases import launched_specs  # noqa: E402
 
 from mace_accel.backends.cuda import codegen  # noqa: E402
 from mace_accel.backends.cuda import sc_codegen as S  # noqa: E402
 from mace_accel.backends.cuda.compiler import nvrtc_compile  # noqa: E402
-
-MUL = re.compile(r"mul\.lo\.s64\s+%rd\d+,\s*%rd\d+,\s*(-?\d+);")
-SHR32 = re.compile(r"shr\.s64\s+%rd\d+,\s*%rd\d+,\s*32;")
-
-
-def counts(ptx) -> tuple:
-    """(multiplies by a nonzero multiple of 2**32, arithmetic shifts right by 32) in the PTX text."""
-    text = ptx.decode(errors="replace") if isinstance(ptx, bytes) else ptx
-    wide = [c for c in map(int, MUL.findall(text)) if c and c % (1 << 32) == 0]
-    return len(wide), len(SHR32.findall(text))
-
 
 def sc_ptx(plan, spec, template=None):
     if template is None:

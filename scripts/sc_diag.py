@@ -18,9 +18,9 @@ from sc_gradw_probe import build  # noqa: E402
 from test_symcon import inputs, make_pair, rel  # noqa: E402
 
 import cupy  # noqa: E402
+from cupy.cuda import driver  # noqa: E402
 from mace_accel.backends.cuda import sc as csc  # noqa: E402
-from mace_accel.backends.cuda.sc_codegen import (KIND_SC_GRAD_W, SC_THREADS_PER_BLOCK, SCKernelSpec,  # noqa: E402
-                                                 grad_w_chunks, render_sc)
+from mace_accel.backends.cuda.sc_codegen import KIND_SC_GRAD_W, SCKernelSpec, grad_w_chunks, render_sc  # noqa: E402
 from mace_accel.backends.reference import sc as rsc  # noqa: E402
 
 
@@ -47,11 +47,8 @@ def main():
                 out = csc.forward(plan, x, wn)
                 dx, _ = csc.backward(plan, x, wn, g, True, False)
                 dw = torch.full_like(wn, float("nan"))
-                torch.cuda.synchronize()
-                blocks = -(-301 * 48 // SC_THREADS_PER_BLOCK)
-                args = tuple(csc._ptr(t) for t in (x, wn, g, None, None, dw)) + (301,)
                 for fn in grad_w.values():
-                    fn((blocks,), (SC_THREADS_PER_BLOCK,), args)
+                    csc._launch_function(fn, plan, x, x, wn, g, None, None, dw)
                 torch.cuda.synchronize()
                 x64, w64, g64 = x.double(), wn.double(), g.double()
                 ro = rsc.forward(plan, x64, w64)
@@ -65,8 +62,6 @@ def main():
                           f"{idx[:, 0].unique()[:10].tolist()}, k {idx[:, 1].unique()[:20].tolist()}, "
                           f"ch {idx[:, 2].unique()[:10].tolist()}")
             attrs = []
-            from cupy.cuda import driver
-
             fns = [csc._function(plan, SCKernelSpec(kind, dt), 0) for kind in (0, 1)] + [grad_w[(0, 16)]]
             for kind, fn in enumerate(fns):  # grad-w: the first chunk
                 regs = driver.funcGetAttribute(4, fn.ptr)   # CU_FUNC_ATTRIBUTE_NUM_REGS

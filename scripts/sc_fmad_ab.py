@@ -26,7 +26,7 @@ from test_symcon import inputs, make_pair, rel  # noqa: E402
 import cupy  # noqa: E402
 from mace_accel.backends.cuda import sc as csc  # noqa: E402
 from mace_accel.backends.cuda.sc_codegen import (KIND_SC_FORWARD, KIND_SC_GRAD_W, KIND_SC_GRAD_X,  # noqa: E402
-                                                 SC_THREADS_PER_BLOCK, SCKernelSpec, grad_w_chunks, render_sc)
+                                                 SCKernelSpec, grad_w_chunks, render_sc)
 from mace_accel.backends.reference import sc as rsc  # noqa: E402
 
 NO_FMA = ("-fmad=false",)
@@ -41,7 +41,6 @@ def main():
     cap = cupy.cuda.Device(0).compute_capability
     C.gpu_warmup(dev)
     n, ch = a.nodes, a.channels
-    blocks = -(-n * ch // SC_THREADS_PER_BLOCK)
     for case in ("mp-medium", "mp-large"):
         for dtype in (torch.float32, torch.float64):
             _, acc = make_pair(case, channels=ch, dtype=dtype)
@@ -58,8 +57,7 @@ def main():
             def launcher(fns, out_slot, out):
                 ptrs = [x, wn, g, None, None, None]
                 ptrs[out_slot] = out
-                args = tuple(csc._ptr(t) for t in ptrs) + (n,)
-                return lambda: [fn((blocks,), (SC_THREADS_PER_BLOCK,), args) for fn in fns]
+                return lambda: [csc._launch_function(fn, plan, x, *ptrs) for fn in fns]
 
             for kind, want, slot in ((KIND_SC_FORWARD, ro, 3), (KIND_SC_GRAD_X, rdx, 4)):
                 r = render_sc(plan, SCKernelSpec(kind, dt))

@@ -22,8 +22,8 @@ from test_symcon import inputs, make_pair, rel  # noqa: E402
 
 import cupy  # noqa: E402
 from mace_accel.backends.cuda import compiler  # noqa: E402
-from mace_accel.backends.cuda.sc_codegen import (KIND_SC_GRAD_W, SC_THREADS_PER_BLOCK, SCKernelSpec,  # noqa: E402
-                                                 render_sc)
+from mace_accel.backends.cuda import sc as csc  # noqa: E402
+from mace_accel.backends.cuda.sc_codegen import KIND_SC_GRAD_W, SCKernelSpec, render_sc  # noqa: E402
 from mace_accel.backends.reference import sc as rsc  # noqa: E402
 
 VARIANTS = {
@@ -75,18 +75,16 @@ def subset_reference(plan, terms, x, g, channels: int):
     return out
 
 
-def bisect(a, plan, x, wn, g, channels, n, cap):
+def bisect(a, plan, x, wn, g, channels, cap):
     k = a.bisect
     total = sum(1 for t in plan.terms() if t[2] == k)
-    blocks = -(-n * channels // SC_THREADS_PER_BLOCK)
     first_bad = None
     print(f"weight {k}: {total} terms; first j terms alone, backend build (sm_{cap}):", flush=True)
     for j in range(1, total + 1):
         sub = TermSubset(plan, k, j)
         r = render_sc(sub, SCKernelSpec(KIND_SC_GRAD_W, "float64", k, k + 1))
         dw = torch.full_like(wn, float("nan"))
-        args = tuple(t.data_ptr() if t is not None else 0 for t in (x, wn, g, None, None, dw)) + (n,)
-        build(r["source"], r["name"], f"sm_{cap}", ())((blocks,), (SC_THREADS_PER_BLOCK,), args)
+        csc._launch_function(build(r["source"], r["name"], f"sm_{cap}", ()), plan, x, x, wn, g, None, None, dw)
         torch.cuda.synchronize()
         want = subset_reference(plan, sub._terms, x, g, channels)
         err = rel(dw[:, k], want)
@@ -117,18 +115,15 @@ def main():
     x, _ = inputs(acc, n, dtype, device="cuda", seed=11)
     wn = torch.randn(n, plan.weight_numel, channels, dtype=dtype, device="cuda")
     g = torch.randn(n, plan.out_dim, dtype=dtype, device="cuda")
-    _, rdw = rsc.backward(plan, x, wn, g, True, True)
     cap = cupy.cuda.Device(0).compute_capability
     if a.bisect is not None:
-        return bisect(a, plan, x, wn, g, channels, n, cap)
+        return bisect(a, plan, x, wn, g, channels, cap)
+    _, rdw = rsc.backward(plan, x, wn, g, True, True)
     lo, hi = a.chunk
-    blocks = -(-n * channels // SC_THREADS_PER_BLOCK)
 
     def run(fn, k_lo, k_hi):
         dw = torch.full_like(wn, float("nan"))
-        args = tuple(t.data_ptr() if t is not None else 0 for t in (x, wn, g, None, None, dw)) + (n,)
-        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-            fn((blocks,), (SC_THREADS_PER_BLOCK,), args)
+        csc._launch_function(fn, plan, x, x, wn, g, None, None, dw)
         torch.cuda.synchronize()
         err = rel(dw[:, k_lo:k_hi], rdw[:, k_lo:k_hi])
         per_k = [rel(dw[:, k], rdw[:, k]) for k in range(k_lo, k_hi)]

@@ -12,7 +12,6 @@ calculator), grid, waves and the share of the last wave that is full, then the k
 ``codegen.MIN_BLOCKS_PER_SM`` set to each value (0: no register cap), the knob that moves its occupancy.
 """
 import argparse
-import ctypes
 import math
 import os
 import sys
@@ -21,21 +20,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import part_sweep as P  # noqa: E402
 import torch  # noqa: E402
 
+from cupy.cuda import driver  # noqa: E402
 from mace_accel.backends import cuda as B  # noqa: E402
 from mace_accel.backends.cuda import codegen  # noqa: E402
 
 KINDS = ("fwd", "bwd", "double_nogg")
-
-
-def occupancy(fn, threads: int) -> int:
-    """Resident blocks per SM of a CuPy function at ``threads`` per block (no dynamic shared memory)."""
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    n = ctypes.c_int()
-    rc = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), ctypes.c_void_p(fn.ptr),
-                                                             ctypes.c_int(threads), ctypes.c_size_t(0))
-    if rc:
-        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor returned {rc}")
-    return n.value
 
 
 def recorded_launches(call):
@@ -55,15 +44,6 @@ def recorded_launches(call):
     return seen
 
 
-def attribute(fn, which: int) -> int:
-    """cuFuncGetAttribute (4: registers, 1: static shared bytes, 3: local bytes per thread)."""
-    v = ctypes.c_int()
-    rc = ctypes.CDLL("libcuda.so.1").cuFuncGetAttribute(ctypes.byref(v), ctypes.c_int(which), ctypes.c_void_p(fn.ptr))
-    if rc:
-        raise RuntimeError(f"cuFuncGetAttribute returned {rc}")
-    return v.value
-
-
 def spec_tag(fn) -> str:
     for (_plan, spec, _dev), f in B._FUNCS.items():
         if f is fn:
@@ -72,12 +52,23 @@ def spec_tag(fn) -> str:
 
 
 def describe(fn, blocks: int, threads: int, sms: int) -> str:
-    k = occupancy(fn, threads)
+    k = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)
     waves = blocks / (sms * k) if k else float("inf")
     last = waves - math.floor(waves) if waves != math.floor(waves) else 1.0
-    regs, smem, local = attribute(fn, 4), attribute(fn, 1), attribute(fn, 3)
+    # CU_FUNC_ATTRIBUTE_ 4: registers, 1: static shared bytes, 3: local bytes per thread
+    regs, smem, local = (driver.funcGetAttribute(a, fn.ptr) for a in (4, 1, 3))
     return (f"    {spec_tag(fn)[:58]:58s} regs {regs:3d} smem {smem:6d} local {local:4d}"
             f"  {k:2d} blocks/SM  grid {blocks:6d}  waves {waves:6.2f} (last {last:4.2f} full)")
+
+
+def report(call, label: str, dev, sms: int) -> None:
+    """Time ``call`` alone and print each conv kernel it launches (the grouping's small launches left out)."""
+    launches = recorded_launches(call)
+    ms = P.C.time_fn(call, dev, 3, 20)["median_ms"]
+    print(f"  {label} {ms:7.3f} ms", flush=True)
+    for fn, blocks, threads in launches:
+        if blocks > 64:
+            print(describe(fn, blocks, threads, sms), flush=True)
 
 
 def main():
@@ -98,27 +89,15 @@ def main():
         calls = P.sweep_calls(plan, P.sweep_inputs(plan, getattr(torch, dname), n, e, dev), s, r, n)
         print(f"\n{cfg} {dname}", flush=True)
         for kname in KINDS:
-            launches = recorded_launches(calls[kname])
-            ms = P.C.time_fn(calls[kname], dev, 3, 20)["median_ms"]
-            print(f"  {kname:11s} {ms:7.3f} ms", flush=True)
-            for fn, blocks, threads in launches:
-                if blocks > 64:  # the conv kernels; the grouping's small launches are left out
-                    print(describe(fn, blocks, threads, sms), flush=True)
-        key = (codegen.KIND_FORWARD, dname, None)
+            report(calls[kname], f"{kname:11s}", dev, sms)
+        reset = P.restoring(codegen.MIN_BLOCKS_PER_SM)
         for mb in args.min_blocks:
-            saved = dict(codegen.MIN_BLOCKS_PER_SM)
             for unrolls in (False, True):
-                codegen.MIN_BLOCKS_PER_SM[(key[0], key[1], unrolls)] = mb
+                codegen.MIN_BLOCKS_PER_SM[(codegen.KIND_FORWARD, dname, unrolls)] = mb
             try:
-                launches = recorded_launches(calls["fwd"])
-                ms = P.C.time_fn(calls["fwd"], dev, 3, 20)["median_ms"]
-                print(f"  fwd min_blocks {mb}: {ms:7.3f} ms", flush=True)
-                for fn, blocks, threads in launches:
-                    if blocks > 64:
-                        print(describe(fn, blocks, threads, sms), flush=True)
+                report(calls["fwd"], f"fwd min_blocks {mb}:", dev, sms)
             finally:
-                codegen.MIN_BLOCKS_PER_SM.clear()
-                codegen.MIN_BLOCKS_PER_SM.update(saved)
+                reset()
         del calls
         torch.cuda.empty_cache()
 

@@ -12,6 +12,7 @@ from mace_accel.backends.cuda.codegen import (DX_ATOMIC, DX_NONE, DX_STORE, KIND
 from mace_accel.plan import build_plan
 from mace_accel.plan.schedule import EDGES_PER_WARP
 from mace_accel.problem import TPProblem
+from ptx_checks import nvrtc_or_skip
 from tp_cases import launched_specs, mace_conv_args
 
 
@@ -442,15 +443,6 @@ def test_run_edges_set_the_items_of_the_runs_kernels(monkeypatch):
         KernelSpec(KIND_BACKWARD, "float32", False, DX_ATOMIC, True, True, edges_per_warp=0)
 
 
-def _nvrtc_or_skip():
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        nvrtc.getVersion()
-    except Exception:
-        pytest.skip("NVRTC is not available on this machine")
-
-
 #: PTX that only the sm_90 branches of the templates emit: bulk copies and prefetches, mbarriers, L2 cache
 #: policies, vector atomics (``atomicAdd`` on a float4: ``atom.global.add.v4.f32``; as a ``red`` too).
 SM90_ONLY = (r"\bcp\.async\.bulk", r"\bmbarrier\b", r"\bcreatepolicy\b", r"\b(atom|red)(\.global)?\.add\.v4\.")
@@ -463,7 +455,7 @@ def test_sources_compile_for_older_gpus_without_their_missing_instructions(layer
     never compiles -- and that PTX uses none of the sm_90 instructions (and, for compute_75, no cp.async) and
     declares no ring slots; the compute_90 PTX of the same ring kernels does use bulk copies, mbarriers and
     the slots (the checks can fail)."""
-    _nvrtc_or_skip()
+    nvrtc_or_skip()
     from mace_accel.backends.cuda.compiler import nvrtc_compile
 
     node, sh, mid, ins = mace_conv_args(layer, mul=128)
@@ -505,7 +497,7 @@ def test_launched_kernels_build_cubins_for_other_gpus(arch):
     (sm_86) -- the pre-sm_90 tables' staged rows -- and on the Blackwell GPUs (sm_100, sm_120) -- the sm_90
     tables, whose bulk copies, mbarriers and vector atomics must assemble there too -- builds into a cubin
     (ptxas included)."""
-    _nvrtc_or_skip()
+    nvrtc_or_skip()
     from mace_accel.backends.cuda.compiler import nvrtc_compile
 
     jobs = []

@@ -12,6 +12,7 @@ import mace  # noqa: F401  (sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD before e3nn lo
 from mace.modules.symmetric_contraction import SymmetricContraction
 
 import host_kernels
+from ptx_checks import int_index_widenings, nvrtc_or_skip
 from mace_accel.backends.cuda.sc_codegen import (KIND_SC_FORWARD, KIND_SC_GRAD_W, KIND_SC_GRAD_X,
                                                  SC_THREADS_PER_BLOCK, SCKernelSpec, grad_w_chunks, render_sc)
 from mace_accel.backends.reference import sc as ref_sc
@@ -199,22 +200,12 @@ def test_grad_w_kernels_index_channels_in_64_bits(dtype):
     index with a multiply by ``stride << 32`` and a shift right by 32, and the H100 builds of some of those kernels
     were wrong (sc_codegen.py's module docstring). Their PTX has neither; the forward kernel keeps the int channel
     (the build it was checked and timed with) and so still has them."""
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        nvrtc.getVersion()
-    except Exception:
-        pytest.skip("NVRTC is not available on this machine")
-    import re
-
+    nvrtc_or_skip()
     from mace_accel.backends.cuda.compiler import nvrtc_compile
 
     def widenings(spec):
         r = render_sc(plan, spec)
-        ptx = nvrtc_compile(r["source"], r["name"], "compute_90").decode(errors="replace")
-        muls = [int(c) for c in re.findall(r"mul\.lo\.s64\s+%rd\d+,\s*%rd\d+,\s*(-?\d+);", ptx)]
-        return (sum(1 for c in muls if c and c % (1 << 32) == 0)
-                + len(re.findall(r"shr\.s64\s+%rd\d+,\s*%rd\d+,\s*32;", ptx)))
+        return sum(int_index_widenings(nvrtc_compile(r["source"], r["name"], "compute_90")))
 
     _, acc = make_pair("mp-large", channels=48, dtype=getattr(torch, dtype))
     plan = acc._sc_plan

@@ -14,7 +14,7 @@ swaps the class back. Linears with biases, extra feature dimensions or external 
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from e3nn import o3
@@ -39,13 +39,14 @@ class SplitLinear(o3.Linear):
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if weight is not None or bias is not None:
             return super().forward(features, weight, bias)
-        routes = self.__dict__.get("_split_routes")
-        if routes is None:  # static: built on the first call (the swap keeps e3nn's attributes only)
-            routes = self._split_routes = _routes(self)
+        cached = self.__dict__.get("_split_routes")
+        if cached is None:  # static: built on the first call (the swap keeps e3nn's attributes only)
+            cached = self._split_routes = _routes(self)
+        sizes, routes = cached
         lead = features.shape[:-1]
         x = features.reshape(-1, self.irreps_in.dim)
         z = x.shape[0]
-        parts = torch.split(x, self._split_sizes, dim=1)
+        parts = torch.split(x, sizes, dim=1)
         cols = []
         for mul, d, feeds in routes:
             if not feeds:
@@ -63,10 +64,9 @@ class SplitLinear(o3.Linear):
         return out.reshape(*lead, self.irreps_out.dim)
 
 
-def _routes(lin: o3.Linear) -> List[tuple]:
-    """Per output irrep of nonzero dimension: (mul_out, ir dim, [(input part, weight offset, mul_in, path
-    weight), ...]) in e3nn's instruction and flat-weight order; also sets ``lin._split_sizes``."""
-    lin._split_sizes = [mul_ir.dim for mul_ir in lin.irreps_in]
+def _routes(lin: o3.Linear) -> Tuple[List[int], List[tuple]]:
+    """(the input's split sizes, per output irrep of nonzero dimension: (mul_out, ir dim, [(input part, weight
+    offset, mul_in, path weight), ...]) in e3nn's instruction and flat-weight order)."""
     feeds: List[list] = [[] for _ in lin.irreps_out]
     offset = 0
     for ins in lin.instructions:
@@ -75,12 +75,13 @@ def _routes(lin: o3.Linear) -> List[tuple]:
             continue
         feeds[ins.i_out].append((ins.i_in, offset, mul_in, ins.path_weight))
         offset += mul_in * mul_out
-    return [(mul_ir.mul, mul_ir.ir.dim, feeds[i]) for i, mul_ir in enumerate(lin.irreps_out) if mul_ir.dim > 0]
+    return ([mul_ir.dim for mul_ir in lin.irreps_in],
+            [(mul_ir.mul, mul_ir.ir.dim, feeds[i]) for i, mul_ir in enumerate(lin.irreps_out) if mul_ir.dim > 0])
 
 
 LINEAR_SWAP = ClassSwap(
     o3.Linear, SplitLinear, "o3.Linear", "Linear", "linear", unsupported_reason,
     lambda lin: (f"o3.Linear {lin.irreps_in} -> {lin.irreps_out}: one split of the input, one matmul per output "
-                 "irrep (no zero fill per input irrep in the backward)"), state=("_split_routes", "_split_sizes"))
+                 "irrep (no zero fill per input irrep in the backward)"), state=("_split_routes",))
 accelerate_linear = LINEAR_SWAP.apply
 restore_linear = LINEAR_SWAP.restore

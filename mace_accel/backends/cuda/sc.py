@@ -21,12 +21,16 @@ def _function(plan: SCPlan, spec: SCKernelSpec, device_index: int):
 
 
 def _launch(plan: SCPlan, spec: SCKernelSpec, x: torch.Tensor, X, WN, G, OUT, DX, DW) -> None:
+    if x.shape[0] * plan.num_channels:
+        _launch_function(_function(plan, spec, device_index(x.device)), plan, x, X, WN, G, OUT, DX, DW)
+
+
+def _launch_function(fn, plan: SCPlan, x: torch.Tensor, X, WN, G, OUT, DX, DW) -> None:
+    """Launch a compiled symmetric-contraction kernel (the backend's, or a diagnostic build of the same source)
+    over x's nodes on PyTorch's current stream: one thread per (node, channel)."""
     n = x.shape[0]
     items = n * plan.num_channels
-    if items == 0:
-        return
     args = tuple(_ptr(t) for t in (X, WN, G, OUT, DX, DW)) + (int(n),)
-    fn = _function(plan, spec, device_index(x.device))
     run_on_torch_stream(fn, x.device, -(-items // SC_THREADS_PER_BLOCK), SC_THREADS_PER_BLOCK, args)
 
 
@@ -39,12 +43,12 @@ def forward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:
 def backward(plan: SCPlan, x: torch.Tensor, wn: torch.Tensor, gout: torch.Tensor, need_x: bool,
              need_w: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     dx = dw = None
+    dt = _DTYPES[x.dtype]
     if need_x:
         dx = torch.empty_like(x)
-        _launch(plan, SCKernelSpec(KIND_SC_GRAD_X, _DTYPES[x.dtype]), x, x, wn, gout, None, dx, None)
+        _launch(plan, SCKernelSpec(KIND_SC_GRAD_X, dt), x, x, wn, gout, None, dx, None)
     if need_w:
         dw = torch.empty_like(wn)  # every chunk writes all of its weights for every (node, channel)
-        dt = _DTYPES[x.dtype]
         for lo, hi in grad_w_chunks(plan):
             _launch(plan, SCKernelSpec(KIND_SC_GRAD_W, dt, lo, hi), x, x, wn, gout, None, None, dw)
     return dx, dw
